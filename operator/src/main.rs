@@ -1,0 +1,3 @@
+//! The example-operator process.
+
+fn main() {}

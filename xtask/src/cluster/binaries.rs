@@ -1,0 +1,207 @@
+//! Builds the control-plane binaries from the pinned Go wrapper modules in `xtask/go/` and caches
+//! them outside the work tree, keyed by version and by the exact module pins, so only the first
+//! build is slow.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+
+/// A Go wrapper module and the binaries built from it.
+struct GoModule {
+    /// Folder under `xtask/go/`.
+    dir: &'static str,
+    /// The pinned module whose version names the build.
+    pinned: &'static str,
+    /// `(binary name, Go package)` pairs.
+    binaries: &'static [(&'static str, &'static str)],
+}
+
+const KUBERNETES: GoModule = GoModule {
+    dir: "kubernetes",
+    pinned: "k8s.io/kubernetes",
+    binaries: &[
+        ("kube-apiserver", "k8s.io/kubernetes/cmd/kube-apiserver"),
+        ("kube-controller-manager", "k8s.io/kubernetes/cmd/kube-controller-manager"),
+    ],
+};
+
+const ETCD: GoModule = GoModule {
+    dir: "etcd",
+    pinned: "go.etcd.io/etcd/server/v3",
+    binaries: &[("etcd", "go.etcd.io/etcd/server/v3")],
+};
+
+const HELM: GoModule = GoModule {
+    dir: "helm",
+    pinned: "helm.sh/helm/v3",
+    binaries: &[("helm", "helm.sh/helm/v3/cmd/helm")],
+};
+
+/// Paths of every binary the local control plane and the tests use.
+#[derive(Clone, Debug)]
+pub struct Binaries {
+    pub kube_apiserver: PathBuf,
+    pub kube_controller_manager: PathBuf,
+    pub etcd: PathBuf,
+    pub helm: PathBuf,
+    /// Kubernetes version the API server reports, e.g. `v1.37.2`.
+    pub kubernetes_version: String,
+}
+
+impl Binaries {
+    /// Folders holding the binaries, for a PATH.
+    pub fn dirs(&self) -> Vec<PathBuf> {
+        let mut dirs: Vec<PathBuf> = [&self.kube_apiserver, &self.etcd, &self.helm]
+            .iter()
+            .filter_map(|p| p.parent().map(Path::to_path_buf))
+            .collect();
+        dirs.dedup();
+        dirs
+    }
+}
+
+/// Where built binaries are kept: `$EXAMPLE_OPERATOR_CACHE_DIR`, else the XDG cache folder.
+pub fn cache_dir() -> Result<PathBuf> {
+    if let Some(dir) = std::env::var_os("EXAMPLE_OPERATOR_CACHE_DIR") {
+        return Ok(PathBuf::from(dir));
+    }
+    if let Some(dir) = std::env::var_os("XDG_CACHE_HOME") {
+        return Ok(PathBuf::from(dir).join("example-operator"));
+    }
+    let home = std::env::var_os("HOME").context("neither EXAMPLE_OPERATOR_CACHE_DIR, XDG_CACHE_HOME nor HOME is set")?;
+    Ok(PathBuf::from(home).join(".cache/example-operator"))
+}
+
+/// Returns the cached binaries, building whichever are missing.
+pub fn ensure(root: &Path) -> Result<Binaries> {
+    let go_dir = root.join("xtask/go");
+    let cache = cache_dir()?.join("bin");
+    let kubernetes = build_module(&go_dir, &cache, &KUBERNETES, kubernetes_ldflags)?;
+    let etcd = build_module(&go_dir, &cache, &ETCD, |_, _| Ok(String::from("-s -w")))?;
+    let helm = build_module(&go_dir, &cache, &HELM, helm_ldflags)?;
+    Ok(Binaries {
+        kube_apiserver: kubernetes.0.join("kube-apiserver"),
+        kube_controller_manager: kubernetes.0.join("kube-controller-manager"),
+        etcd: etcd.0.join("etcd"),
+        helm: helm.0.join("helm"),
+        kubernetes_version: kubernetes.1,
+    })
+}
+
+/// The version of `module` that a wrapper's go.mod requires.
+fn required_version(go_mod: &str, module: &str) -> Option<String> {
+    go_mod.lines().find_map(|line| {
+        let mut words = line.trim().trim_start_matches("require").split_whitespace();
+        (words.next() == Some(module)).then(|| words.next().map(str::to_owned)).flatten()
+    })
+}
+
+/// `(major, minor)` of a `vX.Y.Z` version.
+fn major_minor(version: &str) -> Option<(String, String)> {
+    let mut parts = version.trim_start_matches('v').split('.');
+    Some((parts.next()?.to_owned(), parts.next()?.to_owned()))
+}
+
+/// Stamps the version into `/version` and `kubectl version` output; without it they say v0.0.0.
+fn kubernetes_ldflags(_go_mod: &str, version: &str) -> Result<String> {
+    let (major, minor) = major_minor(version).context("k8s.io/kubernetes version is not vX.Y.Z")?;
+    let pkg = "k8s.io/component-base/version";
+    Ok(format!(
+        "-s -w -X {pkg}.gitVersion={version} -X {pkg}.gitMajor={major} -X {pkg}.gitMinor={minor} -X {pkg}.gitTreeState=clean"
+    ))
+}
+
+/// Stamps helm's own version and the Kubernetes version it assumes when not talking to a
+/// cluster (`helm template`, `helm lint`), taken from the client-go it is built with.
+fn helm_ldflags(go_mod: &str, version: &str) -> Result<String> {
+    let client_go = required_version(go_mod, "k8s.io/client-go").context("helm's go.mod lacks k8s.io/client-go")?;
+    let (_, minor) = major_minor(&client_go).context("client-go version is not v0.Y.Z")?;
+    Ok(format!(
+        "-s -w -X helm.sh/helm/v3/internal/version.version={version} \
+         -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMinor={minor} \
+         -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMinor={minor}"
+    ))
+}
+
+/// FNV-1a: a stable fingerprint of the module pins, so editing go.mod or go.sum rebuilds.
+fn fingerprint(parts: &[&str]) -> String {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in parts.iter().flat_map(|p| p.bytes().chain([0])) {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("{hash:016x}")
+}
+
+/// Builds every binary of `module` into `cache/<dir>-<version>-<fingerprint>/` unless present.
+/// Returns that folder and the pinned version.
+fn build_module(
+    go_dir: &Path,
+    cache: &Path,
+    module: &GoModule,
+    ldflags: impl Fn(&str, &str) -> Result<String>,
+) -> Result<(PathBuf, String)> {
+    let module_dir = go_dir.join(module.dir);
+    let go_mod = std::fs::read_to_string(module_dir.join("go.mod"))
+        .with_context(|| format!("reading {}/go.mod", module_dir.display()))?;
+    let go_sum = std::fs::read_to_string(module_dir.join("go.sum")).unwrap_or_default();
+    let version = required_version(&go_mod, module.pinned)
+        .with_context(|| format!("{}/go.mod does not require {}", module_dir.display(), module.pinned))?;
+    let flags = ldflags(&go_mod, &version)?;
+    let target = cache.join(format!("{}-{version}-{}", module.dir, fingerprint(&[&go_mod, &go_sum, &flags])));
+    if module.binaries.iter().all(|(name, _)| target.join(name).is_file()) {
+        return Ok((target, version));
+    }
+    // Build into a scratch folder and rename it into place, so an interrupted build never
+    // leaves a half-written binary in the cache.
+    let partial = target.with_extension(format!("partial-{}", std::process::id()));
+    std::fs::create_dir_all(&partial).with_context(|| format!("creating {}", partial.display()))?;
+    for (name, package) in module.binaries {
+        eprintln!("building {name} {version} from Go modules (the first build takes several minutes)");
+        let status = Command::new("go")
+            .current_dir(&module_dir)
+            .env("CGO_ENABLED", "0")
+            .args(["build", "-trimpath", "-ldflags", &flags, "-o"])
+            .arg(partial.join(name))
+            .arg(package)
+            .status()
+            .context("running `go build` (is Go installed?)")?;
+        if !status.success() {
+            bail!("`go build {package}` in {} failed with {status}", module_dir.display());
+        }
+    }
+    if target.exists() {
+        std::fs::remove_dir_all(&target)?;
+    }
+    std::fs::rename(&partial, &target).with_context(|| format!("moving build into {}", target.display()))?;
+    Ok((target, version))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_required_versions_from_single_lines_and_blocks() {
+        let go_mod = "module x\n\nrequire k8s.io/kubernetes v1.37.2\n\nrequire (\n\tk8s.io/client-go v0.37.0 // indirect\n)\n";
+        assert_eq!(required_version(go_mod, "k8s.io/kubernetes").as_deref(), Some("v1.37.2"));
+        assert_eq!(required_version(go_mod, "k8s.io/client-go").as_deref(), Some("v0.37.0"));
+        assert_eq!(required_version(go_mod, "k8s.io/api"), None);
+    }
+
+    #[test]
+    fn kubernetes_builds_are_version_stamped() -> Result<()> {
+        let flags = kubernetes_ldflags("", "v1.37.2")?;
+        assert!(flags.contains("k8s.io/component-base/version.gitVersion=v1.37.2"));
+        assert!(flags.contains("gitMinor=37"));
+        Ok(())
+    }
+
+    #[test]
+    fn fingerprint_changes_with_any_pin() {
+        assert_ne!(fingerprint(&["a", "b"]), fingerprint(&["a", "c"]));
+        assert_ne!(fingerprint(&["ab", ""]), fingerprint(&["a", "b"]));
+        assert_eq!(fingerprint(&["a", "b"]), fingerprint(&["a", "b"]));
+    }
+}

@@ -1,0 +1,317 @@
+//! `cargo xtask cluster up | down | status | env`: the local control plane every test uses.
+//!
+//! etcd, kube-apiserver (TLS, RBAC, its own CA) and kube-controller-manager (garbage collector and
+//! namespace controllers only) run as plain processes on 127.0.0.1, with free ports and their state
+//! in a temporary folder. The running cluster is recorded in `target/cluster/state.json`; `down`
+//! stops exactly the PIDs recorded there.
+
+pub mod binaries;
+mod pki;
+mod process;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+
+pub use binaries::Binaries;
+use process::ProcessRecord;
+
+/// Everything a later command needs to reach, check or stop a running cluster.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ClusterState {
+    /// Temporary folder holding certificates, kubeconfigs, data and logs.
+    pub dir: PathBuf,
+    /// HTTPS address of the API server.
+    pub server: String,
+    /// Kubeconfig of the cluster administrator (system:masters).
+    pub admin_kubeconfig: PathBuf,
+    /// Kubeconfig of the restricted user standing for the operator's ServiceAccount.
+    pub restricted_kubeconfig: PathBuf,
+    /// Folders of the built tools (helm, kube-apiserver, etcd) for PATH.
+    pub tool_dirs: Vec<PathBuf>,
+    /// Version the API server reports.
+    pub kubernetes_version: String,
+    /// The processes started, in start order.
+    pub processes: Vec<ProcessRecord>,
+}
+
+/// Environment variable naming a running cluster's folder; the tests read their kubeconfigs there.
+pub const CLUSTER_DIR_ENV: &str = "EXAMPLE_OPERATOR_CLUSTER_DIR";
+
+fn state_file(root: &Path) -> PathBuf {
+    root.join("target/cluster/state.json")
+}
+
+impl ClusterState {
+    /// The cluster recorded for this work tree, if any.
+    pub fn load(root: &Path) -> Result<Option<Self>> {
+        let path = state_file(root);
+        match std::fs::read_to_string(&path) {
+            Ok(text) => Ok(Some(serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?)),
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(err) => Err(err).with_context(|| format!("reading {}", path.display())),
+        }
+    }
+
+    fn save(&self, root: &Path) -> Result<()> {
+        let path = state_file(root);
+        std::fs::create_dir_all(path.parent().context("state file has a parent")?)?;
+        std::fs::write(&path, serde_json::to_string_pretty(self)?).with_context(|| format!("writing {}", path.display()))
+    }
+
+    /// Reports of recorded processes that are no longer running.
+    pub fn crashed(&self) -> Vec<String> {
+        self.processes.iter().filter(|p| !p.is_running()).map(ProcessRecord::crash_report).collect()
+    }
+
+    /// The `export` lines that point a shell (and the tests) at this cluster.
+    pub fn env_lines(&self) -> String {
+        let path: Vec<String> = self.tool_dirs.iter().map(|d| d.display().to_string()).collect();
+        format!(
+            "export KUBECONFIG='{}'\nexport {CLUSTER_DIR_ENV}='{}'\nexport EXAMPLE_OPERATOR_RESTRICTED_KUBECONFIG='{}'\nexport PATH='{}':\"$PATH\"\n",
+            self.admin_kubeconfig.display(),
+            self.dir.display(),
+            self.restricted_kubeconfig.display(),
+            path.join(":"),
+        )
+    }
+
+    /// PATH with the built tools in front.
+    pub fn path_with_tools(&self) -> Result<std::ffi::OsString> {
+        let current = std::env::var_os("PATH").unwrap_or_default();
+        let dirs = self.tool_dirs.iter().cloned().chain(std::env::split_paths(&current));
+        std::env::join_paths(dirs).context("building PATH")
+    }
+
+    /// Stops every recorded process (API server before etcd) and removes the folder.
+    pub fn stop(&self, root: &Path) -> Result<()> {
+        for process in self.processes.iter().rev() {
+            process.stop(Duration::from_secs(10));
+        }
+        if let Some(still) = self.processes.iter().find(|p| p.is_running()) {
+            bail!("{} (pid {}) did not stop", still.name, still.pid);
+        }
+        if self.dir.exists() {
+            std::fs::remove_dir_all(&self.dir).with_context(|| format!("removing {}", self.dir.display()))?;
+        }
+        let _ = std::fs::remove_file(state_file(root));
+        Ok(())
+    }
+}
+
+/// Brings the control plane up, or returns the one already running for this work tree.
+/// The boolean is true when this call started it.
+pub fn up(root: &Path) -> Result<(ClusterState, bool)> {
+    if let Some(state) = ClusterState::load(root)? {
+        if state.crashed().is_empty() {
+            return Ok((state, false));
+        }
+        eprintln!("the recorded cluster has stopped; cleaning it up:\n{}", state.crashed().join("\n"));
+        state.stop(root)?;
+    }
+    let binaries = binaries::ensure(root)?;
+    let state = start(&binaries)?;
+    state.save(root)?;
+    Ok((state, true))
+}
+
+fn start(binaries: &Binaries) -> Result<ClusterState> {
+    let dir = std::env::temp_dir().join(format!("example-operator-cluster-{:08x}", rand::random::<u32>()));
+    let logs = dir.join("logs");
+    std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
+    let pki = pki::generate(&dir.join("pki"), &[&pki::ADMIN, &pki::CONTROLLER_MANAGER, &pki::RESTRICTED])?;
+
+    let etcd_client = process::free_port()?;
+    let etcd_peer = process::free_port()?;
+    let apiserver_port = process::free_port()?;
+    let server = format!("https://127.0.0.1:{apiserver_port}");
+    let admin_kubeconfig = pki::write_kubeconfig(&pki, &pki::ADMIN, &server, &dir)?;
+    let restricted_kubeconfig = pki::write_kubeconfig(&pki, &pki::RESTRICTED, &server, &dir)?;
+    let controller_manager_kubeconfig = pki::write_kubeconfig(&pki, &pki::CONTROLLER_MANAGER, &server, &dir)?;
+
+    let mut state = ClusterState {
+        dir: dir.clone(),
+        server: server.clone(),
+        admin_kubeconfig,
+        restricted_kubeconfig,
+        tool_dirs: binaries.dirs(),
+        kubernetes_version: binaries.kubernetes_version.clone(),
+        processes: Vec::new(),
+    };
+    let result = (|| {
+        let etcd_url = format!("http://127.0.0.1:{etcd_client}");
+        let peer_url = format!("http://127.0.0.1:{etcd_peer}");
+        let etcd_args = vec![
+            "--name=local".to_owned(),
+            format!("--data-dir={}", dir.join("etcd").display()),
+            format!("--listen-client-urls={etcd_url}"),
+            format!("--advertise-client-urls={etcd_url}"),
+            format!("--listen-peer-urls={peer_url}"),
+            format!("--initial-advertise-peer-urls={peer_url}"),
+            format!("--initial-cluster=local={peer_url}"),
+            // Test cluster only: durability is not worth the fsync latency on a shared disk.
+            "--unsafe-no-fsync=true".to_owned(),
+            "--log-level=warn".to_owned(),
+        ];
+        state.processes.push(process::spawn("etcd", &binaries.etcd, &etcd_args, &logs)?);
+        wait_for(&state, "etcd to report healthy", Duration::from_secs(60), || etcd_healthy(etcd_client))?;
+
+        let path = |p: &Path| p.display().to_string();
+        let apiserver_args = vec![
+            format!("--etcd-servers={etcd_url}"),
+            "--bind-address=127.0.0.1".to_owned(),
+            format!("--secure-port={apiserver_port}"),
+            format!("--cert-dir={}", dir.join("apiserver").display()),
+            format!("--tls-cert-file={}", path(&pki.serving_cert)),
+            format!("--tls-private-key-file={}", path(&pki.serving_key)),
+            format!("--client-ca-file={}", path(&pki.ca_cert)),
+            "--authorization-mode=RBAC".to_owned(),
+            format!("--service-account-issuer={server}"),
+            format!("--service-account-key-file={}", path(&pki.service_account_key)),
+            format!("--service-account-signing-key-file={}", path(&pki.service_account_key)),
+            "--service-cluster-ip-range=10.0.0.0/24".to_owned(),
+            "--allow-privileged=true".to_owned(),
+            "--profiling=false".to_owned(),
+        ];
+        state.processes.push(process::spawn("kube-apiserver", &binaries.kube_apiserver, &apiserver_args, &logs)?);
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let client = runtime.block_on(admin_client(&state))?;
+        wait_for(&state, "kube-apiserver /readyz", Duration::from_secs(180), || {
+            runtime.block_on(apiserver_ready(&client))
+        })?;
+
+        let controller_manager_args = vec![
+            format!("--kubeconfig={}", path(&controller_manager_kubeconfig)),
+            "--controllers=garbage-collector-controller,namespace-controller".to_owned(),
+            "--leader-elect=false".to_owned(),
+            "--secure-port=0".to_owned(),
+            "--use-service-account-credentials=false".to_owned(),
+        ];
+        state.processes.push(process::spawn(
+            "kube-controller-manager",
+            &binaries.kube_controller_manager,
+            &controller_manager_args,
+            &logs,
+        )?);
+        runtime.block_on(prove_namespace_controller(&state, &client))?;
+        Ok::<_, anyhow::Error>(())
+    })();
+    if let Err(err) = result {
+        let crashed = state.crashed();
+        for process in state.processes.iter().rev() {
+            process.stop(Duration::from_secs(5));
+        }
+        let detail = if crashed.is_empty() { String::new() } else { format!("\n{}", crashed.join("\n")) };
+        bail!("the local control plane did not come up: {err:#}{detail}\n(its files are kept in {})", dir.display());
+    }
+    Ok(state)
+}
+
+/// Polls `check` until it returns true, failing early with the crash report when a recorded
+/// process dies meanwhile.
+fn wait_for(state: &ClusterState, what: &str, timeout: Duration, mut check: impl FnMut() -> bool) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if check() {
+            return Ok(());
+        }
+        let crashed = state.crashed();
+        if !crashed.is_empty() {
+            bail!("while waiting for {what}:\n{}", crashed.join("\n"));
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn etcd_healthy(port: u16) -> bool {
+    let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) else { return false };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    if stream.write_all(b"GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").is_err() {
+        return false;
+    }
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response);
+    response.starts_with("HTTP/1.0 200") || response.starts_with("HTTP/1.1 200")
+}
+
+/// A client for the administrator identity of a cluster.
+pub async fn admin_client(state: &ClusterState) -> Result<kube::Client> {
+    let kubeconfig = kube::config::Kubeconfig::read_from(&state.admin_kubeconfig)?;
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?;
+    Ok(kube::Client::try_from(config)?)
+}
+
+async fn apiserver_ready(client: &kube::Client) -> bool {
+    let Ok(request) = http::Request::get("/readyz").body(Vec::new()) else { return false };
+    matches!(client.request_text(request).await, Ok(body) if body.trim() == "ok")
+}
+
+/// kube-controller-manager has no port here; proves it works by having its namespace controller
+/// finish the deletion of a scratch namespace.
+async fn prove_namespace_controller(state: &ClusterState, client: &kube::Client) -> Result<()> {
+    use k8s_openapi::api::core::v1::Namespace;
+    use kube::api::{Api, DeleteParams, PostParams};
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let name = "example-operator-startup-check";
+    let namespace: Namespace = serde_json::from_value(serde_json::json!({"metadata": {"name": name}}))?;
+    namespaces.create(&PostParams::default(), &namespace).await.context("creating the startup-check namespace")?;
+    namespaces.delete(name, &DeleteParams::default()).await.context("deleting the startup-check namespace")?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        match namespaces.get_opt(name).await {
+            Ok(None) => return Ok(()),
+            Ok(Some(_)) | Err(_) => {}
+        }
+        let crashed = state.crashed();
+        if !crashed.is_empty() {
+            bail!("while waiting for the namespace controller:\n{}", crashed.join("\n"));
+        }
+        if Instant::now() > deadline {
+            bail!("kube-controller-manager did not finish deleting namespace {name} within 120s");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// `cluster status`: every process and the API server's readiness.
+pub fn status(root: &Path) -> Result<()> {
+    let Some(state) = ClusterState::load(root)? else {
+        bail!("no local control plane is recorded for this work tree; start one with `cargo xtask cluster up`");
+    };
+    println!("cluster folder: {}\nAPI server:     {} ({})", state.dir.display(), state.server, state.kubernetes_version);
+    let mut healthy = true;
+    for process in &state.processes {
+        if process.is_running() {
+            println!("{:<24} running (pid {})", process.name, process.pid);
+        } else {
+            healthy = false;
+            println!("{}", process.crash_report());
+        }
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let ready = runtime.block_on(async { apiserver_ready(&admin_client(&state).await?).await.then_some(()).context("") });
+    println!("{:<24} {}", "/readyz", if ready.is_ok() { "ok" } else { "NOT ready" });
+    if !healthy || ready.is_err() {
+        bail!("the local control plane is not healthy");
+    }
+    Ok(())
+}
+
+/// `cluster down`: stops the recorded processes and removes the cluster folder.
+pub fn down(root: &Path) -> Result<()> {
+    match ClusterState::load(root)? {
+        Some(state) => {
+            state.stop(root)?;
+            println!("stopped the local control plane and removed {}", state.dir.display());
+        }
+        None => println!("no local control plane is recorded for this work tree"),
+    }
+    Ok(())
+}

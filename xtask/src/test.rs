@@ -1,0 +1,37 @@
+//! `cargo xtask test`: the one command that runs every test, end-to-end ones included.
+
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+
+use crate::cluster::{self, CLUSTER_DIR_ENV};
+
+/// Runs `cargo test --workspace` against the local control plane, starting it first when none
+/// is running and stopping it afterwards if this call started it.
+pub fn run(root: &Path, cargo_test_args: &[String]) -> Result<()> {
+    let (state, started) = cluster::up(root)?;
+    eprintln!("running tests against {} (Kubernetes {})", state.server, state.kubernetes_version);
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned()))
+        .current_dir(root)
+        .args(["test", "--workspace"])
+        .args(cargo_test_args)
+        .env(CLUSTER_DIR_ENV, &state.dir)
+        .env("EXAMPLE_OPERATOR_RESTRICTED_KUBECONFIG", &state.restricted_kubeconfig)
+        // Anything that falls back to KUBECONFIG reaches the test cluster, never a real one.
+        .env("KUBECONFIG", &state.admin_kubeconfig)
+        .env("PATH", state.path_with_tools()?)
+        .status()
+        .context("running cargo test")?;
+    let crashed = state.crashed();
+    if started {
+        state.stop(root)?;
+    }
+    if !crashed.is_empty() {
+        bail!("the local control plane crashed during the tests:\n{}", crashed.join("\n"));
+    }
+    if !status.success() {
+        bail!("tests failed ({status})");
+    }
+    Ok(())
+}
