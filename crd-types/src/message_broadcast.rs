@@ -33,18 +33,17 @@ pub struct MessageBroadcastSpec {
     pub namespace_selector: LabelSelector,
     /// Name of the ConfigMap written into each namespace. Defaults to the broadcast's name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"))]
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+    )]
     pub config_map_name: Option<String>,
 }
 
 impl MessageBroadcast {
     /// Name of the ConfigMap copy in each selected namespace.
     pub fn config_map_name(&self) -> &str {
-        self.spec
-            .config_map_name
-            .as_deref()
-            .or(self.metadata.name.as_deref())
-            .unwrap_or_default()
+        self.spec.config_map_name.as_deref().or(self.metadata.name.as_deref()).unwrap_or_default()
     }
 }
 

@@ -13,20 +13,12 @@ fn only_version(crd: &CustomResourceDefinition) -> &CustomResourceDefinitionVers
 }
 
 fn root_schema(crd: &CustomResourceDefinition) -> &JSONSchemaProps {
-    only_version(crd)
-        .schema
-        .as_ref()
-        .and_then(|s| s.open_api_v3_schema.as_ref())
-        .expect("a structural schema")
+    only_version(crd).schema.as_ref().and_then(|s| s.open_api_v3_schema.as_ref()).expect("a structural schema")
 }
 
 fn property<'a>(schema: &'a JSONSchemaProps, path: &[&str]) -> &'a JSONSchemaProps {
     path.iter().fold(schema, |schema, name| {
-        schema
-            .properties
-            .as_ref()
-            .and_then(|p| p.get(*name))
-            .unwrap_or_else(|| panic!("property {name} in {path:?}"))
+        schema.properties.as_ref().and_then(|p| p.get(*name)).unwrap_or_else(|| panic!("property {name} in {path:?}"))
     })
 }
 
@@ -162,7 +154,8 @@ fn broadcast_config_map_name_defaults_to_the_broadcast_name() {
 
 #[test]
 fn tutorial_manifest_deserialises_unchanged() {
-    let manifest = "apiVersion: example.com/v1\nkind: MyResource\nmetadata:\n  name: example\nspec:\n  message: Hello, World!\n";
+    let manifest =
+        "apiVersion: example.com/v1\nkind: MyResource\nmetadata:\n  name: example\nspec:\n  message: Hello, World!\n";
     let resource: MyResource = serde_yaml::from_str(manifest).expect("the tutorial's manifest is a MyResource");
     assert_eq!(resource.spec.message, "Hello, World!");
     assert_eq!(resource.status, None);

@@ -57,10 +57,7 @@ pub fn run(root: &Path, check: bool) -> Result<()> {
         }
     }
     if !stale.is_empty() {
-        bail!(
-            "the committed CRD YAML is stale: {}\nrun `cargo xtask crdgen` and commit the result",
-            stale.join(", ")
-        );
+        bail!("the committed CRD YAML is stale: {}\nrun `cargo xtask crdgen` and commit the result", stale.join(", "));
     }
     if check {
         println!("CRD YAML in {} is up to date", dir.display());

@@ -2,10 +2,12 @@
 //!
 //! - `crdgen [--check]`: CRD YAML from the Rust types.
 //! - `cluster up | down | status | env`: the local control plane of real Kubernetes binaries.
+//! - `demo`: the main job: control plane, CRDs, operator, samples.
 //! - `test`: every test, end-to-end ones included, against that control plane.
 
 mod cluster;
 mod crdgen;
+mod demo;
 mod test;
 
 use std::path::PathBuf;
@@ -33,6 +35,8 @@ enum Command {
         #[command(subcommand)]
         action: ClusterAction,
     },
+    /// Bring up the local control plane (or use the cluster in KUBECONFIG) and install the CRDs.
+    Demo,
     /// Run every test: unit tests and end-to-end tests against the local control plane.
     /// Reuses a running local control plane, or starts one and stops it afterwards.
     Test {
@@ -82,6 +86,25 @@ fn main() -> Result<()> {
                 Ok(())
             }
         },
+        Command::Demo => demo::run(&root),
         Command::Test { cargo_test_args } => test::run(&root, &cargo_test_args),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// kube-leader-election accepts any k8s-openapi >= 0.27, so a plain `cargo update` can pull a
+    /// second copy; the workspace must link exactly one kube and one k8s-openapi.
+    #[test]
+    fn cargo_lock_holds_one_kube_and_one_k8s_openapi() -> anyhow::Result<()> {
+        let lock = std::fs::read_to_string(super::workspace_root()?.join("Cargo.lock"))?;
+        for name in ["kube", "kube-client", "kube-runtime", "k8s-openapi"] {
+            let copies = lock.lines().filter(|line| *line == format!("name = \"{name}\"")).count();
+            anyhow::ensure!(
+                copies == 1,
+                "Cargo.lock holds {copies} copies of {name}; pin one (e.g. `cargo update -p k8s-openapi@0.29.0 --precise 0.28.0`)"
+            );
+        }
+        Ok(())
     }
 }

@@ -21,6 +21,8 @@ pub fn run(root: &Path, cargo_test_args: &[String]) -> Result<()> {
         // Anything that falls back to KUBECONFIG reaches the test cluster, never a real one.
         .env("KUBECONFIG", &state.admin_kubeconfig)
         .env("PATH", state.path_with_tools()?)
+        // Test failures are anyhow errors that say what went wrong; their backtraces are noise.
+        .env("RUST_LIB_BACKTRACE", "0")
         .status()
         .context("running cargo test")?;
     let crashed = state.crashed();

@@ -26,17 +26,11 @@ const KUBERNETES: GoModule = GoModule {
     ],
 };
 
-const ETCD: GoModule = GoModule {
-    dir: "etcd",
-    pinned: "go.etcd.io/etcd/server/v3",
-    binaries: &[("etcd", "go.etcd.io/etcd/server/v3")],
-};
+const ETCD: GoModule =
+    GoModule { dir: "etcd", pinned: "go.etcd.io/etcd/server/v3", binaries: &[("etcd", "go.etcd.io/etcd/server/v3")] };
 
-const HELM: GoModule = GoModule {
-    dir: "helm",
-    pinned: "helm.sh/helm/v3",
-    binaries: &[("helm", "helm.sh/helm/v3/cmd/helm")],
-};
+const HELM: GoModule =
+    GoModule { dir: "helm", pinned: "helm.sh/helm/v3", binaries: &[("helm", "helm.sh/helm/v3/cmd/helm")] };
 
 /// Paths of every binary the local control plane and the tests use.
 #[derive(Clone, Debug)]
@@ -69,7 +63,8 @@ pub fn cache_dir() -> Result<PathBuf> {
     if let Some(dir) = std::env::var_os("XDG_CACHE_HOME") {
         return Ok(PathBuf::from(dir).join("example-operator"));
     }
-    let home = std::env::var_os("HOME").context("neither EXAMPLE_OPERATOR_CACHE_DIR, XDG_CACHE_HOME nor HOME is set")?;
+    let home =
+        std::env::var_os("HOME").context("neither EXAMPLE_OPERATOR_CACHE_DIR, XDG_CACHE_HOME nor HOME is set")?;
     Ok(PathBuf::from(home).join(".cache/example-operator"))
 }
 
@@ -184,7 +179,8 @@ mod tests {
 
     #[test]
     fn reads_required_versions_from_single_lines_and_blocks() {
-        let go_mod = "module x\n\nrequire k8s.io/kubernetes v1.37.2\n\nrequire (\n\tk8s.io/client-go v0.37.0 // indirect\n)\n";
+        let go_mod =
+            "module x\n\nrequire k8s.io/kubernetes v1.37.2\n\nrequire (\n\tk8s.io/client-go v0.37.0 // indirect\n)\n";
         assert_eq!(required_version(go_mod, "k8s.io/kubernetes").as_deref(), Some("v1.37.2"));
         assert_eq!(required_version(go_mod, "k8s.io/client-go").as_deref(), Some("v0.37.0"));
         assert_eq!(required_version(go_mod, "k8s.io/api"), None);

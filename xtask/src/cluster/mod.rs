@@ -60,7 +60,8 @@ impl ClusterState {
     fn save(&self, root: &Path) -> Result<()> {
         let path = state_file(root);
         std::fs::create_dir_all(path.parent().context("state file has a parent")?)?;
-        std::fs::write(&path, serde_json::to_string_pretty(self)?).with_context(|| format!("writing {}", path.display()))
+        std::fs::write(&path, serde_json::to_string_pretty(self)?)
+            .with_context(|| format!("writing {}", path.display()))
     }
 
     /// Reports of recorded processes that are no longer running.
@@ -171,7 +172,7 @@ fn start(binaries: &Binaries) -> Result<ClusterState> {
             format!("--client-ca-file={}", path(&pki.ca_cert)),
             "--authorization-mode=RBAC".to_owned(),
             format!("--service-account-issuer={server}"),
-            format!("--service-account-key-file={}", path(&pki.service_account_key)),
+            format!("--service-account-key-file={}", path(&pki.service_account_public_key)),
             format!("--service-account-signing-key-file={}", path(&pki.service_account_key)),
             "--service-cluster-ip-range=10.0.0.0/24".to_owned(),
             "--allow-privileged=true".to_owned(),
@@ -201,12 +202,10 @@ fn start(binaries: &Binaries) -> Result<ClusterState> {
         Ok::<_, anyhow::Error>(())
     })();
     if let Err(err) = result {
-        let crashed = state.crashed();
         for process in state.processes.iter().rev() {
             process.stop(Duration::from_secs(5));
         }
-        let detail = if crashed.is_empty() { String::new() } else { format!("\n{}", crashed.join("\n")) };
-        bail!("the local control plane did not come up: {err:#}{detail}\n(its files are kept in {})", dir.display());
+        bail!("the local control plane did not come up: {err:#}\n(its files are kept in {})", dir.display());
     }
     Ok(state)
 }
@@ -265,9 +264,8 @@ async fn prove_namespace_controller(state: &ClusterState, client: &kube::Client)
     namespaces.delete(name, &DeleteParams::default()).await.context("deleting the startup-check namespace")?;
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        match namespaces.get_opt(name).await {
-            Ok(None) => return Ok(()),
-            Ok(Some(_)) | Err(_) => {}
+        if let Ok(None) = namespaces.get_opt(name).await {
+            return Ok(());
         }
         let crashed = state.crashed();
         if !crashed.is_empty() {
@@ -285,7 +283,12 @@ pub fn status(root: &Path) -> Result<()> {
     let Some(state) = ClusterState::load(root)? else {
         bail!("no local control plane is recorded for this work tree; start one with `cargo xtask cluster up`");
     };
-    println!("cluster folder: {}\nAPI server:     {} ({})", state.dir.display(), state.server, state.kubernetes_version);
+    println!(
+        "cluster folder: {}\nAPI server:     {} ({})",
+        state.dir.display(),
+        state.server,
+        state.kubernetes_version
+    );
     let mut healthy = true;
     for process in &state.processes {
         if process.is_running() {
@@ -296,7 +299,8 @@ pub fn status(root: &Path) -> Result<()> {
         }
     }
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    let ready = runtime.block_on(async { apiserver_ready(&admin_client(&state).await?).await.then_some(()).context("") });
+    let ready =
+        runtime.block_on(async { apiserver_ready(&admin_client(&state).await?).await.then_some(()).context("") });
     println!("{:<24} {}", "/readyz", if ready.is_ok() { "ok" } else { "NOT ready" });
     if !healthy || ready.is_err() {
         bail!("the local control plane is not healthy");

@@ -21,14 +21,12 @@ pub struct Identity {
 pub const ADMIN: Identity = Identity { user: "example-operator-admin", groups: &["system:masters"], file: "admin" };
 
 /// kube-controller-manager; it runs every controller under its own identity.
-pub const CONTROLLER_MANAGER: Identity = Identity {
-    user: "system:kube-controller-manager",
-    groups: &["system:masters"],
-    file: "controller-manager",
-};
+pub const CONTROLLER_MANAGER: Identity =
+    Identity { user: "system:kube-controller-manager", groups: &["system:masters"], file: "controller-manager" };
 
 /// Stands for the operator's ServiceAccount: authenticated, with no rights until RBAC grants them.
-pub const RESTRICTED: Identity = Identity { user: "example-operator", groups: &["example-operator"], file: "restricted" };
+pub const RESTRICTED: Identity =
+    Identity { user: "example-operator", groups: &["example-operator"], file: "restricted" };
 
 /// File paths of the generated material.
 pub struct Pki {
@@ -36,6 +34,7 @@ pub struct Pki {
     pub serving_cert: PathBuf,
     pub serving_key: PathBuf,
     pub service_account_key: PathBuf,
+    pub service_account_public_key: PathBuf,
     dir: PathBuf,
 }
 
@@ -58,7 +57,8 @@ pub fn generate(dir: &Path, identities: &[&Identity]) -> Result<Pki> {
     let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
     ca_params.distinguished_name.push(DnType::CommonName, "example-operator local control plane CA");
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    ca_params.key_usages =
+        vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
     let ca_cert = ca_params.self_signed(&ca_key)?;
     let issuer = Issuer::new(ca_params, ca_key);
 
@@ -67,6 +67,7 @@ pub fn generate(dir: &Path, identities: &[&Identity]) -> Result<Pki> {
         serving_cert: dir.join("apiserver.crt"),
         serving_key: dir.join("apiserver.key"),
         service_account_key: dir.join("service-account.key"),
+        service_account_public_key: dir.join("service-account.pub"),
         dir: dir.to_path_buf(),
     };
     write(&pki.ca_cert, &ca_cert.pem())?;
@@ -98,8 +99,10 @@ pub fn generate(dir: &Path, identities: &[&Identity]) -> Result<Pki> {
     }
 
     // The API server signs service-account tokens with this key and verifies them with its
-    // public half (it accepts the private key file for both flags).
-    write(&pki.service_account_key, &KeyPair::generate()?.serialize_pem())?;
+    // public half.
+    let service_account_key = KeyPair::generate()?;
+    write(&pki.service_account_key, &service_account_key.serialize_pem())?;
+    write(&pki.service_account_public_key, &service_account_key.public_key_pem())?;
     Ok(pki)
 }
 
