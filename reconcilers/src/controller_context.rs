@@ -1,0 +1,120 @@
+//! What every controller shares around its reconcile function: the client, the event recorder,
+//! per-object backoff, and the instrumentation (metrics and one tracing span per reconcile).
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::ObjectReference;
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::ObjectRef;
+use kube::{Client, Resource};
+use tracing::Instrument;
+
+use crate::backoff::PerObjectBackoff;
+use crate::error::{Error, Result};
+use crate::metrics::Metrics;
+use crate::owned_config_map::MANAGER;
+
+/// First retry delay after a transient error; doubles per consecutive failure.
+const RETRY_BASE: Duration = Duration::from_millis(500);
+/// Longest delay between retries of one object.
+const RETRY_CAP: Duration = Duration::from_secs(300);
+
+/// When a successful reconcile wants to run again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Requeue {
+    /// Only when a watched object changes (level-triggered steady state).
+    OnChange,
+    /// After this long, e.g. to notice a conflict that resolved without an event of ours.
+    After(Duration),
+}
+
+/// Per-controller plumbing shared by its reconciles.
+pub struct ControllerContext<K: Resource<DynamicType = ()>> {
+    /// Name in metrics and logs, e.g. `myresource`.
+    pub controller: &'static str,
+    pub client: Client,
+    pub metrics: Metrics,
+    recorder: Recorder,
+    backoff: PerObjectBackoff<ObjectRef<K>>,
+}
+
+impl<K> ControllerContext<K>
+where
+    K: Resource<DynamicType = ()> + Send + Sync + 'static,
+{
+    /// Plumbing for `controller`; `instance` (the pod name) tells replicas apart in events.
+    pub fn new(controller: &'static str, client: Client, metrics: Metrics, instance: Option<String>) -> Self {
+        let reporter = Reporter { controller: MANAGER.to_owned(), instance };
+        Self {
+            controller,
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            metrics,
+            backoff: PerObjectBackoff::new(RETRY_BASE, RETRY_CAP),
+        }
+    }
+
+    /// Runs `reconcile` for `object` inside a span, recording controller-runtime's metrics, and
+    /// forgets the object's backoff when it succeeds.
+    pub async fn instrumented<Fut>(&self, object: &K, reconcile: Fut) -> Result<Action>
+    where
+        Fut: Future<Output = Result<Requeue>>,
+    {
+        let key = ObjectRef::from_obj(object);
+        let span = tracing::info_span!("reconcile", controller = self.controller, object = %key);
+        let workers = self.metrics.active_workers.with_label_values(&[self.controller]);
+        workers.inc();
+        let started = Instant::now();
+        let result = reconcile.instrument(span.clone()).await;
+        workers.dec();
+        self.metrics
+            .reconcile_time_seconds
+            .with_label_values(&[self.controller])
+            .observe(started.elapsed().as_secs_f64());
+        let label = match &result {
+            Ok(Requeue::OnChange) => "success",
+            Ok(Requeue::After(_)) => "requeue_after",
+            Err(_) => "error",
+        };
+        self.metrics.reconcile_total.with_label_values(&[self.controller, label]).inc();
+        match result {
+            Ok(requeue) => {
+                self.backoff.reset(&key);
+                Ok(match requeue {
+                    Requeue::OnChange => Action::await_change(),
+                    Requeue::After(delay) => Action::requeue(delay),
+                })
+            }
+            Err(error) => {
+                self.metrics.reconcile_errors_total.with_label_values(&[self.controller]).inc();
+                self.metrics
+                    .reconcile_errors_by_reason
+                    .with_label_values(&[self.controller, error.metric_label()])
+                    .inc();
+                span.in_scope(|| tracing::warn!(%error, "reconcile failed"));
+                Err(error)
+            }
+        }
+    }
+
+    /// The error policy: retry `object` after its next backoff delay.
+    pub fn retry_after_error(&self, object: &K, error: &Error) -> Action {
+        let key = ObjectRef::from_obj(object);
+        let delay = self.backoff.next_delay(key.clone());
+        self.metrics.workqueue_retries_total.with_label_values(&[self.controller, self.controller]).inc();
+        tracing::debug!(controller = self.controller, object = %key, ?delay, transient = error.is_transient(), "requeue after error");
+        Action::requeue(delay)
+    }
+
+    /// Publishes an event about `object`; a failure is logged, never fails the reconcile.
+    pub async fn publish(&self, object: &K, type_: EventType, reason: &str, action: &str, note: String) {
+        let reference: ObjectReference = object.object_ref(&());
+        let event =
+            Event { type_, reason: reason.to_owned(), note: Some(note), action: action.to_owned(), secondary: None };
+        if let Err(error) = self.recorder.publish(&event, &reference).await {
+            tracing::warn!(%error, reason, "publishing an event failed");
+        }
+    }
+}

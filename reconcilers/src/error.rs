@@ -1,0 +1,63 @@
+//! The one error type of the reconcilers. Each variant knows whether retrying can help
+//! (transient: requeue with per-object backoff) or not (permanent: written to status, not retried
+//! in a loop), and the label it reports under in metrics.
+
+/// Why a reconcile could not finish.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A Kubernetes API call failed; retried with backoff.
+    #[error("kubernetes api call failed: {0}")]
+    Kube(#[from] kube::Error),
+    /// A ConfigMap of the wanted name exists and belongs to someone else; never overwritten.
+    #[error("configmap {namespace}/{name} exists and is not owned by {owner}")]
+    ConfigMapConflict {
+        /// Namespace of the foreign ConfigMap.
+        namespace: String,
+        /// Name of the foreign ConfigMap.
+        name: String,
+        /// `Kind/name` of the resource that wanted it.
+        owner: String,
+    },
+    /// The ConfigMap name derived from the resource is not a valid Kubernetes name.
+    #[error("configmap name {name:?} is invalid: {reason}")]
+    InvalidConfigMapName {
+        /// The derived name.
+        name: String,
+        /// Which rule it breaks.
+        reason: String,
+    },
+    /// The namespace selector cannot be evaluated.
+    #[error("namespace selector is invalid: {0}")]
+    InvalidSelector(String),
+    /// An object from the API server lacks a field the server always sets.
+    #[error("object has no {0}")]
+    MissingField(&'static str),
+    /// A patch body could not be built.
+    #[error("building a patch failed: {0}")]
+    Serialize(#[from] serde_json::Error),
+}
+
+impl Error {
+    /// True when retrying later can succeed without anyone changing the spec.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Error::Kube(_) | Error::MissingField(_))
+    }
+
+    /// Label value for `example_operator_reconcile_errors_by_reason_total`.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::Kube(kube::Error::Api(status)) if status.code == 409 => "api_conflict",
+            Error::Kube(kube::Error::Api(status)) if status.code == 403 => "api_forbidden",
+            Error::Kube(kube::Error::Api(_)) => "api_error",
+            Error::Kube(_) => "api_unreachable",
+            Error::ConfigMapConflict { .. } => "configmap_conflict",
+            Error::InvalidConfigMapName { .. } => "invalid_configmap_name",
+            Error::InvalidSelector(_) => "invalid_selector",
+            Error::MissingField(_) => "missing_field",
+            Error::Serialize(_) => "serialize",
+        }
+    }
+}
+
+/// Result of the reconcilers.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,391 @@
+//! The MessageBroadcast controller: keeps a ConfigMap copy of the message in every Active
+//! namespace its selector matches, owned by the broadcast (so deleting it removes every copy),
+//! removes copies from namespaces that stop matching, and never overwrites a ConfigMap it does not
+//! own (those namespaces are reported as conflicts in status).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crd_types::{ConditionStatus, MessageBroadcast, MessageBroadcastStatus};
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
+use kube::api::{Api, Patch, PatchParams};
+use kube::core::{Selector, SelectorExt};
+use kube::runtime::controller::{Action, Config, Controller};
+use kube::runtime::events::EventType;
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::{Resource, ResourceExt};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use crate::conditions::{Reason, now, ready_condition};
+use crate::controller_context::{ControllerContext, Requeue};
+use crate::error::{Error, Result};
+use crate::owned_config_map::{self, DesiredConfigMap, MANAGER, WriteOutcome, controller_uid};
+use crate::shared_cache::SharedCache;
+
+/// Name of this controller in metrics, logs and spans.
+pub const CONTROLLER: &str = "messagebroadcast";
+
+/// Copies written at once for one broadcast; bounds the burst on the API server.
+const WRITE_PARALLELISM: usize = 16;
+
+/// Conflicting namespaces named in the Ready condition before the list is cut short.
+const CONFLICTS_NAMED: usize = 10;
+
+/// How long a broadcast blocked by foreign ConfigMaps waits before checking again.
+const CONFLICT_RECHECK: Duration = Duration::from_secs(120);
+
+/// What a reconcile reads besides the broadcast itself.
+pub struct Context {
+    pub base: ControllerContext<MessageBroadcast>,
+    pub config_maps: Store<ConfigMap>,
+    pub namespaces: Store<Namespace>,
+}
+
+/// True for namespaces that may receive a copy: Active ones (not Terminating).
+pub fn is_active(namespace: &Namespace) -> bool {
+    let phase = namespace.status.as_ref().and_then(|s| s.phase.as_deref());
+    namespace.metadata.deletion_timestamp.is_none() && phase.is_none_or(|p| p == "Active")
+}
+
+/// The broadcast's selector, or why it cannot be evaluated.
+pub fn selector(broadcast: &MessageBroadcast) -> Result<Selector> {
+    Selector::try_from(broadcast.spec.namespace_selector.clone()).map_err(|e| Error::InvalidSelector(e.to_string()))
+}
+
+/// Names of the Active namespaces `selector` matches, sorted.
+pub fn matching_namespaces(selector: &Selector, namespaces: &[Arc<Namespace>]) -> BTreeSet<String> {
+    namespaces.iter().filter(|ns| is_active(ns) && selector.matches(ns.labels())).map(|ns| ns.name_any()).collect()
+}
+
+/// The copy `broadcast` wants in `namespace`.
+pub fn desired_copy(broadcast: &MessageBroadcast, namespace: &str) -> Result<DesiredConfigMap> {
+    let name = broadcast.config_map_name().to_owned();
+    owned_config_map::validate_name(&name)?;
+    Ok(DesiredConfigMap {
+        namespace: namespace.to_owned(),
+        name,
+        owner: broadcast.controller_owner_ref(&()).ok_or(Error::MissingField("metadata.uid"))?,
+        data: BTreeMap::from([("message".to_owned(), broadcast.spec.message.clone())]),
+    })
+}
+
+/// Result of writing every copy of one broadcast.
+#[derive(Debug, Default, PartialEq)]
+pub struct FanOut {
+    pub matched: u32,
+    pub ready: u32,
+    pub conflicts: Vec<String>,
+    pub created: u32,
+    pub updated: u32,
+    pub deleted: u32,
+}
+
+/// The status describing `fan_out`, or a permanent `error` that stopped it.
+pub fn desired_status(broadcast: &MessageBroadcast, fan_out: &FanOut, error: Option<&Error>) -> MessageBroadcastStatus {
+    let previous = broadcast.status.as_ref().map(|s| s.conditions.as_slice()).unwrap_or_default();
+    let generation = broadcast.metadata.generation;
+    let (status, reason, message) = match error {
+        Some(error @ Error::InvalidSelector(_)) => (ConditionStatus::False, Reason::InvalidSelector, error.to_string()),
+        Some(error @ Error::InvalidConfigMapName { .. }) => {
+            (ConditionStatus::False, Reason::InvalidConfigMapName, error.to_string())
+        }
+        Some(error) => (ConditionStatus::False, Reason::Reconciling, error.to_string()),
+        None if !fan_out.conflicts.is_empty() => {
+            let mut named = fan_out.conflicts.iter().take(CONFLICTS_NAMED).cloned().collect::<Vec<_>>().join(", ");
+            if fan_out.conflicts.len() > CONFLICTS_NAMED {
+                named.push_str(&format!(" and {} more", fan_out.conflicts.len() - CONFLICTS_NAMED));
+            }
+            let message = format!(
+                "ConfigMap {} exists and is not owned by this broadcast in namespaces: {named}",
+                broadcast.config_map_name()
+            );
+            (ConditionStatus::False, Reason::ConfigMapConflict, message)
+        }
+        None => (
+            ConditionStatus::True,
+            Reason::CopiesSynced,
+            format!("{} of {} matching namespaces hold the message", fan_out.ready, fan_out.matched),
+        ),
+    };
+    MessageBroadcastStatus {
+        matched_namespaces: fan_out.matched,
+        ready_namespaces: fan_out.ready,
+        observed_generation: generation,
+        conditions: vec![ready_condition(previous, status, reason, message, generation, now())],
+    }
+}
+
+/// Reconciles one broadcast: copies into matching namespaces, stale copies out, then status.
+pub async fn reconcile(broadcast: Arc<MessageBroadcast>, context: Arc<Context>) -> Result<Action> {
+    context.base.instrumented(&broadcast, reconcile_inner(&broadcast, &context)).await
+}
+
+/// The error policy: transient errors retry with per-object backoff.
+pub fn error_policy(broadcast: Arc<MessageBroadcast>, error: &Error, context: Arc<Context>) -> Action {
+    context.base.retry_after_error(&broadcast, error)
+}
+
+async fn reconcile_inner(broadcast: &MessageBroadcast, context: &Context) -> Result<Requeue> {
+    let mut fan_out = FanOut::default();
+    let permanent = match fan_out_copies(broadcast, context, &mut fan_out).await {
+        Ok(()) => None,
+        Err(error) if error.is_transient() => {
+            // Record progress so far, then retry with backoff.
+            let status = desired_status(broadcast, &fan_out, Some(&error));
+            update_status(broadcast, context, &status).await?;
+            return Err(error);
+        }
+        Err(error) => Some(error),
+    };
+    let base = &context.base;
+    if fan_out.created + fan_out.updated + fan_out.deleted > 0 {
+        let note = format!(
+            "Copies created in {}, updated in {}, removed from {} namespaces",
+            fan_out.created, fan_out.updated, fan_out.deleted
+        );
+        base.publish(broadcast, EventType::Normal, "CopiesUpdated", "Broadcast", note).await;
+    }
+    let status = desired_status(broadcast, &fan_out, permanent.as_ref());
+    let changed = update_status(broadcast, context, &status).await?;
+    let failing = status.conditions.first().filter(|c| c.status == ConditionStatus::False);
+    if let (true, Some(condition)) = (changed, failing) {
+        base.publish(broadcast, EventType::Warning, &condition.reason, "Broadcast", condition.message.clone()).await;
+    }
+    Ok(match (&permanent, fan_out.conflicts.is_empty()) {
+        (None, true) => Requeue::OnChange,
+        (None, false) => Requeue::After(CONFLICT_RECHECK),
+        (Some(_), _) => Requeue::OnChange,
+    })
+}
+
+/// Writes every copy `broadcast` wants and deletes the ones it no longer wants, counting into
+/// `fan_out`. Stops at the first transient error after the writes in flight finish.
+async fn fan_out_copies(broadcast: &MessageBroadcast, context: &Context, fan_out: &mut FanOut) -> Result<()> {
+    let selector = selector(broadcast)?;
+    let wanted = matching_namespaces(&selector, &context.namespaces.state());
+    fan_out.matched = u32::try_from(wanted.len()).unwrap_or(u32::MAX);
+    let uid = broadcast.uid().ok_or(Error::MissingField("metadata.uid"))?;
+    let name = broadcast.config_map_name().to_owned();
+    let desired: Vec<DesiredConfigMap> = wanted.iter().map(|ns| desired_copy(broadcast, ns)).collect::<Result<_>>()?;
+
+    let client = &context.base.client;
+    let cache = &context.config_maps;
+    let outcomes: Vec<(String, Result<WriteOutcome>)> = futures::stream::iter(desired)
+        .map(|copy| async move { (copy.namespace.clone(), owned_config_map::ensure(client, cache, &copy).await) })
+        .buffer_unordered(WRITE_PARALLELISM)
+        .collect()
+        .await;
+    let mut first_error = None;
+    for (namespace, outcome) in outcomes {
+        match outcome {
+            Ok(write) => {
+                fan_out.ready += 1;
+                match write {
+                    WriteOutcome::Created => fan_out.created += 1,
+                    WriteOutcome::Updated => fan_out.updated += 1,
+                    WriteOutcome::Unchanged => {}
+                }
+            }
+            Err(Error::ConfigMapConflict { .. }) => fan_out.conflicts.push(namespace),
+            Err(error) => {
+                first_error.get_or_insert(error);
+            }
+        }
+    }
+    fan_out.conflicts.sort();
+
+    // Copies of ours that are no longer wanted: namespace unselected, or the name changed.
+    let stale: Vec<Arc<ConfigMap>> = cache
+        .state()
+        .into_iter()
+        .filter(|cm| controller_uid(&cm.metadata) == Some(uid.as_str()))
+        .filter(|cm| !wanted.contains(&cm.namespace().unwrap_or_default()) || cm.name_any() != name)
+        .filter(|cm| {
+            context
+                .namespaces
+                .get(&ObjectRef::new(&cm.namespace().unwrap_or_default()))
+                .is_some_and(|ns| is_active(&ns))
+        })
+        .collect();
+    let deleted = futures::stream::iter(stale)
+        .map(|cm| async move { owned_config_map::delete(client, &cm).await })
+        .buffer_unordered(WRITE_PARALLELISM)
+        .try_collect::<Vec<()>>()
+        .await;
+    match deleted {
+        Ok(done) => fan_out.deleted = u32::try_from(done.len()).unwrap_or(u32::MAX),
+        Err(error) => {
+            first_error.get_or_insert(error);
+        }
+    }
+    first_error.map_or(Ok(()), Err)
+}
+
+/// Writes `status` unless the broadcast already shows it; returns whether it wrote.
+async fn update_status(
+    broadcast: &MessageBroadcast,
+    context: &Context,
+    status: &MessageBroadcastStatus,
+) -> Result<bool> {
+    if broadcast.status.as_ref() == Some(status) {
+        return Ok(false);
+    }
+    let api: Api<MessageBroadcast> = Api::all(context.base.client.clone());
+    let patch = json!({
+        "apiVersion": MessageBroadcast::api_version(&()),
+        "kind": MessageBroadcast::kind(&()),
+        "status": status,
+    });
+    api.patch_status(&broadcast.name_any(), &PatchParams::apply(MANAGER).force(), &Patch::Apply(patch)).await?;
+    Ok(true)
+}
+
+/// The broadcast controlling a ConfigMap copy, if any.
+fn owner_of_copy(config_map: Arc<ConfigMap>) -> Option<ObjectRef<MessageBroadcast>> {
+    config_map
+        .owner_references()
+        .iter()
+        .find(|owner| {
+            owner.controller == Some(true)
+                && owner.kind == MessageBroadcast::kind(&())
+                && owner.api_version == MessageBroadcast::api_version(&())
+        })
+        .map(|owner| ObjectRef::new(&owner.name))
+}
+
+/// The broadcasts a namespace event concerns: those whose selector matches it now, and those that
+/// hold a copy in it (it may have been relabelled out of their selector).
+pub fn broadcasts_for_namespace(
+    namespace: &Namespace,
+    broadcasts: &Store<MessageBroadcast>,
+    config_maps: &Store<ConfigMap>,
+) -> Vec<ObjectRef<MessageBroadcast>> {
+    let name = namespace.name_any();
+    let holding_copy: BTreeSet<String> = config_maps
+        .state()
+        .iter()
+        .filter(|cm| cm.namespace().as_deref() == Some(name.as_str()))
+        .filter_map(|cm| controller_uid(&cm.metadata).map(str::to_owned))
+        .collect();
+    broadcasts
+        .state()
+        .iter()
+        .filter(|b| {
+            let selected = selector(b).is_ok_and(|s| s.matches(namespace.labels()));
+            let holds = b.uid().is_some_and(|uid| holding_copy.contains(&uid));
+            selected || holds
+        })
+        .map(|b| ObjectRef::from_obj(b.as_ref()))
+        .collect()
+}
+
+/// Subscribes to the caches now; the returned future runs until `shutdown` fires, then lets
+/// in-flight reconciles finish.
+pub fn controller(
+    broadcasts: &SharedCache<MessageBroadcast>,
+    config_maps: &SharedCache<ConfigMap>,
+    namespaces: &SharedCache<Namespace>,
+    context: Arc<Context>,
+    concurrency: u16,
+    shutdown: CancellationToken,
+) -> impl Future<Output = ()> + Send + 'static {
+    context.base.metrics.max_concurrent_reconciles.with_label_values(&[CONTROLLER]).set(i64::from(concurrency));
+    let broadcast_store = broadcasts.store();
+    let config_map_store = config_maps.store();
+    Controller::for_shared_stream(broadcasts.subscribe(), broadcasts.store())
+        .watches_shared_stream(config_maps.subscribe(), owner_of_copy)
+        .watches_shared_stream(namespaces.subscribe(), move |namespace| {
+            broadcasts_for_namespace(&namespace, &broadcast_store, &config_map_store)
+        })
+        .with_config(Config::default().concurrency(concurrency))
+        .graceful_shutdown_on(async move { shutdown.cancelled().await })
+        .run(reconcile, error_policy, context)
+        .for_each(|_| futures::future::ready(()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crd_types::MessageBroadcastSpec;
+    use k8s_openapi::api::core::v1::NamespaceStatus;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+
+    fn broadcast(match_labels: &[(&str, &str)]) -> MessageBroadcast {
+        let selector = LabelSelector {
+            match_labels: Some(match_labels.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()),
+            match_expressions: None,
+        };
+        let mut broadcast = MessageBroadcast::new(
+            "greeting",
+            MessageBroadcastSpec { message: "hi".into(), namespace_selector: selector, config_map_name: None },
+        );
+        broadcast.metadata.uid = Some("b-uid".into());
+        broadcast.metadata.generation = Some(2);
+        broadcast
+    }
+
+    fn namespace(name: &str, labels: &[(&str, &str)], phase: &str) -> Arc<Namespace> {
+        let mut namespace = Namespace::default();
+        namespace.metadata.name = Some(name.into());
+        namespace.metadata.labels = Some(labels.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect());
+        namespace.status = Some(NamespaceStatus { phase: Some(phase.into()), ..Default::default() });
+        Arc::new(namespace)
+    }
+
+    #[test]
+    fn only_active_namespaces_matching_the_selector_are_selected() -> Result<()> {
+        let namespaces = [
+            namespace("a", &[("team", "x")], "Active"),
+            namespace("b", &[("team", "y")], "Active"),
+            namespace("c", &[("team", "x")], "Terminating"),
+        ];
+        let picked = matching_namespaces(&selector(&broadcast(&[("team", "x")]))?, &namespaces);
+        assert_eq!(picked, BTreeSet::from(["a".to_owned()]));
+        let everything = matching_namespaces(&selector(&broadcast(&[]))?, &namespaces);
+        assert_eq!(everything, BTreeSet::from(["a".to_owned(), "b".to_owned()]), "{{}} selects every Active namespace");
+        Ok(())
+    }
+
+    #[test]
+    fn copies_are_owned_by_the_cluster_scoped_broadcast() -> Result<()> {
+        let copy = desired_copy(&broadcast(&[]), "team-a")?;
+        assert_eq!(copy.name, "greeting");
+        assert_eq!(copy.namespace, "team-a");
+        assert_eq!(copy.owner.kind, "MessageBroadcast");
+        assert_eq!(copy.owner.uid, "b-uid");
+        assert_eq!(owner_of_copy(Arc::new(copy.to_config_map())), Some(ObjectRef::new("greeting")));
+        Ok(())
+    }
+
+    #[test]
+    fn an_invalid_selector_is_a_permanent_error() {
+        let mut bad = broadcast(&[]);
+        bad.spec.namespace_selector.match_expressions =
+            Some(vec![k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement {
+                key: "team".into(),
+                operator: "Near".into(),
+                values: None,
+            }]);
+        let error = selector(&bad).err();
+        assert!(matches!(error, Some(Error::InvalidSelector(_))));
+        let status = desired_status(&bad, &FanOut::default(), error.as_ref());
+        assert_eq!(status.conditions[0].reason, "InvalidSelector");
+    }
+
+    #[test]
+    fn status_counts_and_names_conflicts() {
+        let fan_out = FanOut { matched: 3, ready: 2, conflicts: vec!["b".into()], ..FanOut::default() };
+        let status = desired_status(&broadcast(&[]), &fan_out, None);
+        assert_eq!((status.matched_namespaces, status.ready_namespaces), (3, 2));
+        assert_eq!(status.observed_generation, Some(2));
+        assert_eq!(status.conditions[0].status, ConditionStatus::False);
+        assert_eq!(status.conditions[0].reason, "ConfigMapConflict");
+        assert!(status.conditions[0].message.ends_with("namespaces: b"));
+        let synced = desired_status(&broadcast(&[]), &FanOut { matched: 2, ready: 2, ..FanOut::default() }, None);
+        assert_eq!(synced.conditions[0].status, ConditionStatus::True);
+    }
+}

@@ -1,0 +1,204 @@
+//! Prometheus metrics of the controllers, the shared caches and the Kubernetes client.
+//!
+//! Where controller-runtime has a metric for the same thing, the name and labels are its own, so
+//! existing dashboards and alerts work unchanged; the rest live under `example_operator_`.
+//! Everything registers into one [`Registry`] owned here; the binary adds its own metrics to it.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use prometheus::core::Collector;
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry};
+
+/// Every metric of the reconcilers, registered in [`Metrics::registry`].
+#[derive(Clone, Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// `controller_runtime_reconcile_total{controller,result}`; result is success, error,
+    /// requeue_after.
+    pub reconcile_total: IntCounterVec,
+    /// `controller_runtime_reconcile_errors_total{controller}`.
+    pub reconcile_errors_total: IntCounterVec,
+    /// `controller_runtime_reconcile_time_seconds{controller}`.
+    pub reconcile_time_seconds: HistogramVec,
+    /// `controller_runtime_max_concurrent_reconciles{controller}`.
+    pub max_concurrent_reconciles: IntGaugeVec,
+    /// `controller_runtime_active_workers{controller}`.
+    pub active_workers: IntGaugeVec,
+    /// `workqueue_retries_total{name,controller}`: requeues after an error.
+    pub workqueue_retries_total: IntCounterVec,
+    /// `rest_client_requests_total{code,method,host}`.
+    pub rest_client_requests_total: IntCounterVec,
+    /// `example_operator_reconcile_errors_by_reason_total{controller,reason}`.
+    pub reconcile_errors_by_reason: IntCounterVec,
+    /// `example_operator_watch_events_total{resource,type}`.
+    pub watch_events_total: IntCounterVec,
+    /// `example_operator_cache_objects{resource}`.
+    pub cache_objects: IntGaugeVec,
+}
+
+impl Metrics {
+    /// Creates the metrics in a fresh registry.
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let registry = Registry::new();
+        let counter = |name: &str, help: &str, labels: &[&str]| -> Result<IntCounterVec, prometheus::Error> {
+            let metric = IntCounterVec::new(Opts::new(name, help), labels)?;
+            registry.register(Box::new(metric.clone()))?;
+            Ok(metric)
+        };
+        let gauge = |name: &str, help: &str, labels: &[&str]| -> Result<IntGaugeVec, prometheus::Error> {
+            let metric = IntGaugeVec::new(Opts::new(name, help), labels)?;
+            registry.register(Box::new(metric.clone()))?;
+            Ok(metric)
+        };
+        let reconcile_time_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "controller_runtime_reconcile_time_seconds",
+                "Length of time per reconciliation per controller",
+            )
+            .buckets(vec![
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.25, 1.5,
+                1.75, 2.0, 2.5, 3.0, 4.0, 5.0, 10.0, 15.0, 30.0, 60.0,
+            ]),
+            &["controller"],
+        )?;
+        registry.register(Box::new(reconcile_time_seconds.clone()))?;
+        Ok(Self {
+            reconcile_total: counter(
+                "controller_runtime_reconcile_total",
+                "Total number of reconciliations per controller",
+                &["controller", "result"],
+            )?,
+            reconcile_errors_total: counter(
+                "controller_runtime_reconcile_errors_total",
+                "Total number of reconciliation errors per controller",
+                &["controller"],
+            )?,
+            reconcile_time_seconds,
+            max_concurrent_reconciles: gauge(
+                "controller_runtime_max_concurrent_reconciles",
+                "Maximum number of concurrent reconciles per controller",
+                &["controller"],
+            )?,
+            active_workers: gauge(
+                "controller_runtime_active_workers",
+                "Number of currently used workers per controller",
+                &["controller"],
+            )?,
+            workqueue_retries_total: counter(
+                "workqueue_retries_total",
+                "Total number of retries handled by workqueue",
+                &["name", "controller"],
+            )?,
+            rest_client_requests_total: counter(
+                "rest_client_requests_total",
+                "Number of HTTP requests, partitioned by status code, method, and host.",
+                &["code", "method", "host"],
+            )?,
+            reconcile_errors_by_reason: counter(
+                "example_operator_reconcile_errors_by_reason_total",
+                "Reconcile errors per controller and error reason",
+                &["controller", "reason"],
+            )?,
+            watch_events_total: counter(
+                "example_operator_watch_events_total",
+                "Watch events received per resource and event type",
+                &["resource", "type"],
+            )?,
+            cache_objects: gauge("example_operator_cache_objects", "Objects held in each shared cache", &["resource"])?,
+            registry,
+        })
+    }
+
+    /// The registry holding every metric, for `/metrics` and for the binary's own metrics.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// A tower layer for the Kubernetes client that counts every request by method and code.
+    pub fn rest_client_layer(&self, host: impl Into<String>) -> RestClientMetricsLayer {
+        RestClientMetricsLayer { requests: self.rest_client_requests_total.clone(), host: host.into() }
+    }
+
+    /// Requests with `method` counted so far, whatever their code.
+    pub fn requests_with_method(&self, method: &str) -> u64 {
+        self.rest_client_requests_total
+            .collect()
+            .iter()
+            .flat_map(|family| family.get_metric())
+            .filter(|metric| metric.get_label().iter().any(|l| l.name() == "method" && l.value() == method))
+            .map(|metric| metric.get_counter().get_value() as u64)
+            .sum()
+    }
+
+    /// Write requests (POST, PUT, PATCH, DELETE) counted so far.
+    pub fn write_requests(&self) -> u64 {
+        ["POST", "PUT", "PATCH", "DELETE"].iter().map(|m| self.requests_with_method(m)).sum()
+    }
+
+    /// Reconciles of `controller` counted so far, whatever their result.
+    pub fn reconciles(&self, controller: &str) -> u64 {
+        self.reconcile_total
+            .collect()
+            .iter()
+            .flat_map(|family| family.get_metric())
+            .filter(|metric| metric.get_label().iter().any(|l| l.name() == "controller" && l.value() == controller))
+            .map(|metric| metric.get_counter().get_value() as u64)
+            .sum()
+    }
+}
+
+/// Counts requests of the wrapped client service in `rest_client_requests_total`.
+#[derive(Clone, Debug)]
+pub struct RestClientMetricsLayer {
+    requests: IntCounterVec,
+    host: String,
+}
+
+impl<S> tower::Layer<S> for RestClientMetricsLayer {
+    type Service = RestClientMetrics<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        RestClientMetrics { inner, requests: self.requests.clone(), host: self.host.clone() }
+    }
+}
+
+/// The service made by [`RestClientMetricsLayer`].
+#[derive(Clone, Debug)]
+pub struct RestClientMetrics<S> {
+    inner: S,
+    requests: IntCounterVec,
+    host: String,
+}
+
+impl<S, ReqBody, ResBody> tower::Service<http::Request<ReqBody>> for RestClientMetrics<S>
+where
+    S: tower::Service<http::Request<ReqBody>, Response = http::Response<ResBody>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
+        let method = request.method().as_str().to_owned();
+        let requests = self.requests.clone();
+        let host = self.host.clone();
+        let response = self.inner.call(request);
+        Box::pin(async move {
+            let result = response.await;
+            // controller-runtime reports transport failures with the code "<error>".
+            let code = match &result {
+                Ok(response) => response.status().as_u16().to_string(),
+                Err(_) => "<error>".to_owned(),
+            };
+            requests.with_label_values(&[code.as_str(), method.as_str(), host.as_str()]).inc();
+            result
+        })
+    }
+}

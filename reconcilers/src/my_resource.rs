@@ -1,0 +1,265 @@
+//! The MyResource controller: keeps the ConfigMap `<name>-configmap` holding `spec.message`,
+//! owned by the MyResource (so the garbage collector removes it with its owner), and a status
+//! that tells the truth. It never overwrites a ConfigMap it does not own.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crd_types::{ConditionStatus, MyResource, MyResourceStatus, Phase};
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::{Action, Config, Controller};
+use kube::runtime::events::EventType;
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::{Resource, ResourceExt};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use crate::conditions::{Reason, now, ready_condition};
+use crate::controller_context::{ControllerContext, Requeue};
+use crate::error::{Error, Result};
+use crate::owned_config_map::{self, DesiredConfigMap, MANAGER, WriteOutcome};
+use crate::shared_cache::SharedCache;
+
+/// Name of this controller in metrics, logs and spans.
+pub const CONTROLLER: &str = "myresource";
+
+/// How long a MyResource blocked by a foreign ConfigMap waits before checking again; the foreign
+/// ConfigMap is not in the cache, so its removal raises no event here.
+const CONFLICT_RECHECK: Duration = Duration::from_secs(120);
+
+/// What a reconcile reads besides the MyResource itself.
+pub struct Context {
+    pub base: ControllerContext<MyResource>,
+    pub config_maps: Store<ConfigMap>,
+}
+
+/// The name of the ConfigMap a MyResource owns.
+pub fn config_map_name(resource: &MyResource) -> String {
+    format!("{}-configmap", resource.name_any())
+}
+
+/// The ConfigMap `resource` wants, or why it cannot have one.
+pub fn desired_config_map(resource: &MyResource) -> Result<DesiredConfigMap> {
+    let name = config_map_name(resource);
+    owned_config_map::validate_name(&name)?;
+    Ok(DesiredConfigMap {
+        namespace: resource.namespace().ok_or(Error::MissingField("metadata.namespace"))?,
+        name,
+        owner: resource.controller_owner_ref(&()).ok_or(Error::MissingField("metadata.uid"))?,
+        data: BTreeMap::from([("message".to_owned(), resource.spec.message.clone())]),
+    })
+}
+
+/// The status after a reconcile: Ready with the ConfigMap's name, or Failed with the reason.
+pub fn desired_status(resource: &MyResource, outcome: &Result<String>) -> MyResourceStatus {
+    let previous = resource.status.as_ref().map(|s| s.conditions.as_slice()).unwrap_or_default();
+    let generation = resource.metadata.generation;
+    let (phase, config_map_name, condition) = match outcome {
+        Ok(name) => (
+            Phase::Ready,
+            Some(name.clone()),
+            ready_condition(
+                previous,
+                ConditionStatus::True,
+                Reason::ConfigMapSynced,
+                format!("ConfigMap {name} holds the message"),
+                generation,
+                now(),
+            ),
+        ),
+        Err(error) => {
+            let reason = match error {
+                Error::InvalidConfigMapName { .. } => Reason::InvalidConfigMapName,
+                Error::ConfigMapConflict { .. } => Reason::ConfigMapConflict,
+                _ => Reason::Reconciling,
+            };
+            let phase = if error.is_transient() { Phase::Pending } else { Phase::Failed };
+            (
+                phase,
+                None,
+                ready_condition(previous, ConditionStatus::False, reason, error.to_string(), generation, now()),
+            )
+        }
+    };
+    MyResourceStatus {
+        phase: Some(phase),
+        config_map_name,
+        observed_generation: generation,
+        conditions: vec![condition],
+    }
+}
+
+/// Reconciles one MyResource: ConfigMap first, then status, each written only when it differs.
+pub async fn reconcile(resource: Arc<MyResource>, context: Arc<Context>) -> Result<Action> {
+    context.base.instrumented(&resource, reconcile_inner(&resource, &context)).await
+}
+
+/// The error policy: transient errors retry with per-object backoff.
+pub fn error_policy(resource: Arc<MyResource>, error: &Error, context: Arc<Context>) -> Action {
+    context.base.retry_after_error(&resource, error)
+}
+
+async fn reconcile_inner(resource: &MyResource, context: &Context) -> Result<Requeue> {
+    let base = &context.base;
+    let written = match desired_config_map(resource) {
+        Ok(desired) => owned_config_map::ensure(&base.client, &context.config_maps, &desired)
+            .await
+            .map(|outcome| (outcome, desired.name)),
+        Err(error) => Err(error),
+    };
+    let (outcome, requeue) = match written {
+        Ok((write, name)) => {
+            let verb = match write {
+                WriteOutcome::Created => Some("Created"),
+                WriteOutcome::Updated => Some("Updated"),
+                WriteOutcome::Unchanged => None,
+            };
+            if let Some(verb) = verb {
+                let note = format!("{verb} ConfigMap {name}");
+                base.publish(resource, EventType::Normal, &format!("ConfigMap{verb}"), verb, note).await;
+            }
+            (Ok(name), Requeue::OnChange)
+        }
+        Err(error) if error.is_transient() => return Err(error),
+        Err(error) => {
+            let requeue = match error {
+                Error::ConfigMapConflict { .. } => Requeue::After(CONFLICT_RECHECK),
+                _ => Requeue::OnChange,
+            };
+            (Err(error), requeue)
+        }
+    };
+    let status = desired_status(resource, &outcome);
+    if resource.status.as_ref() != Some(&status) {
+        write_status(resource, context, &status).await?;
+        if let Err(error) = &outcome {
+            let reason = status.conditions.first().map(|c| c.reason.clone()).unwrap_or_default();
+            base.publish(resource, EventType::Warning, &reason, "Reconcile", error.to_string()).await;
+        }
+    }
+    Ok(requeue)
+}
+
+async fn write_status(resource: &MyResource, context: &Context, status: &MyResourceStatus) -> Result<()> {
+    let namespace = resource.namespace().ok_or(Error::MissingField("metadata.namespace"))?;
+    let api: Api<MyResource> = Api::namespaced(context.base.client.clone(), &namespace);
+    let patch = json!({
+        "apiVersion": MyResource::api_version(&()),
+        "kind": MyResource::kind(&()),
+        "status": status,
+    });
+    api.patch_status(&resource.name_any(), &PatchParams::apply(MANAGER).force(), &Patch::Apply(patch)).await?;
+    Ok(())
+}
+
+/// The MyResources a ConfigMap event concerns: its controller owner, if that is a MyResource.
+fn owners_of(config_map: Arc<ConfigMap>) -> Option<ObjectRef<MyResource>> {
+    let namespace = config_map.namespace()?;
+    config_map
+        .owner_references()
+        .iter()
+        .find(|owner| {
+            owner.controller == Some(true)
+                && owner.kind == MyResource::kind(&())
+                && owner.api_version == MyResource::api_version(&())
+        })
+        .map(|owner| ObjectRef::new(&owner.name).within(&namespace))
+}
+
+/// Subscribes to the caches now; the returned future runs until `shutdown` fires, then lets
+/// in-flight reconciles finish.
+pub fn controller(
+    resources: &SharedCache<MyResource>,
+    config_maps: &SharedCache<ConfigMap>,
+    context: Arc<Context>,
+    concurrency: u16,
+    shutdown: CancellationToken,
+) -> impl Future<Output = ()> + Send + 'static {
+    context.base.metrics.max_concurrent_reconciles.with_label_values(&[CONTROLLER]).set(i64::from(concurrency));
+    Controller::for_shared_stream(resources.subscribe(), resources.store())
+        .watches_shared_stream(config_maps.subscribe(), owners_of)
+        .with_config(Config::default().concurrency(concurrency))
+        .graceful_shutdown_on(async move { shutdown.cancelled().await })
+        .run(reconcile, error_policy, context)
+        .for_each(|_| futures::future::ready(()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crd_types::MyResourceSpec;
+
+    fn resource(name: &str, message: &str) -> MyResource {
+        let mut resource = MyResource::new(name, MyResourceSpec { message: message.into() });
+        resource.metadata.namespace = Some("ns".into());
+        resource.metadata.uid = Some("uid-1".into());
+        resource.metadata.generation = Some(3);
+        resource
+    }
+
+    #[test]
+    fn desired_config_map_is_named_after_the_resource_and_owned_by_it() -> Result<()> {
+        let desired = desired_config_map(&resource("hello", "hi there"))?;
+        assert_eq!(desired.name, "hello-configmap");
+        assert_eq!(desired.namespace, "ns");
+        assert_eq!(desired.data.get("message").map(String::as_str), Some("hi there"));
+        assert_eq!(desired.owner.kind, "MyResource");
+        assert_eq!(desired.owner.uid, "uid-1");
+        assert_eq!(desired.owner.controller, Some(true));
+        Ok(())
+    }
+
+    #[test]
+    fn a_name_too_long_for_a_config_map_is_a_permanent_error() {
+        let error = desired_config_map(&resource(&"a".repeat(250), "hi")).err();
+        assert!(matches!(error, Some(Error::InvalidConfigMapName { .. })), "{error:?}");
+        assert!(!error.is_some_and(|e| e.is_transient()));
+    }
+
+    #[test]
+    fn ready_status_names_the_config_map_and_the_generation() {
+        let status = desired_status(&resource("hello", "hi"), &Ok("hello-configmap".into()));
+        assert_eq!(status.phase, Some(Phase::Ready));
+        assert_eq!(status.config_map_name.as_deref(), Some("hello-configmap"));
+        assert_eq!(status.observed_generation, Some(3));
+        assert_eq!(status.conditions[0].status, ConditionStatus::True);
+        assert_eq!(status.conditions[0].reason, "ConfigMapSynced");
+    }
+
+    #[test]
+    fn a_conflict_fails_with_its_reason_and_no_config_map_name() {
+        let conflict = Error::ConfigMapConflict {
+            namespace: "ns".into(),
+            name: "hello-configmap".into(),
+            owner: "MyResource/hello".into(),
+        };
+        let status = desired_status(&resource("hello", "hi"), &Err(conflict));
+        assert_eq!(status.phase, Some(Phase::Failed));
+        assert_eq!(status.config_map_name, None);
+        assert_eq!(status.conditions[0].reason, "ConfigMapConflict");
+        assert!(status.conditions[0].message.contains("not owned by MyResource/hello"));
+    }
+
+    #[test]
+    fn an_unchanged_outcome_reproduces_the_stored_status_exactly() {
+        let mut stored = resource("hello", "hi");
+        stored.status = Some(desired_status(&stored, &Ok("hello-configmap".into())));
+        let again = desired_status(&stored, &Ok("hello-configmap".into()));
+        assert_eq!(stored.status, Some(again), "so a resync writes nothing");
+    }
+
+    #[test]
+    fn config_map_events_map_to_their_controlling_my_resource() -> Result<()> {
+        let desired = desired_config_map(&resource("hello", "hi"))?;
+        let owner = owners_of(Arc::new(desired.to_config_map()));
+        assert_eq!(owner, Some(ObjectRef::new("hello").within("ns")));
+        let mut foreign = desired.to_config_map();
+        foreign.metadata.owner_references = None;
+        assert_eq!(owners_of(Arc::new(foreign)), None);
+        Ok(())
+    }
+}

@@ -1,0 +1,158 @@
+//! One watch and one local cache per resource type for the whole process, shared by every
+//! controller that needs the type (client-go's SharedInformerFactory idea).
+//!
+//! Unlike kube-runtime's `reflect_shared`, the fan-out here also carries deletions (including
+//! objects found gone after a relist), so a controller sees its ConfigMap deleted by hand.
+//! A cache never writes to the cluster; it only lists and watches.
+
+use std::collections::HashSet;
+use std::fmt::Debug;
+use std::sync::Arc;
+
+use futures::{Stream, StreamExt};
+use kube::Resource;
+use kube::api::Api;
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::watcher::{self, Event};
+use kube::runtime::{WatchStreamExt, watcher as watch};
+use serde::de::DeserializeOwned;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::Metrics;
+
+/// How many change notifications may wait for the slowest subscriber before the watch pauses.
+const SUBSCRIBER_BUFFER: usize = 1024;
+
+/// A watched, locally cached resource type whose changes fan out to any number of subscribers.
+pub struct SharedCache<K: Resource<DynamicType = ()> + Clone + 'static> {
+    api: Api<K>,
+    config: watcher::Config,
+    strip: fn(&mut K),
+    store: Store<K>,
+    writer: reflector::store::Writer<K>,
+    sender: async_broadcast::Sender<Arc<K>>,
+    subscribers: async_broadcast::InactiveReceiver<Arc<K>>,
+    resource: &'static str,
+    metrics: Metrics,
+}
+
+impl<K> SharedCache<K>
+where
+    K: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
+{
+    /// A cache of the objects `api` and `config` select, each passed through `strip` before it is
+    /// stored (drop what no reconciler reads). Nothing is watched until [`SharedCache::run`].
+    pub fn new(
+        api: Api<K>,
+        config: watcher::Config,
+        strip: fn(&mut K),
+        resource: &'static str,
+        metrics: Metrics,
+    ) -> Self {
+        let (writer, store) = {
+            let (store, writer) = reflector::store();
+            (writer, store)
+        };
+        let (mut sender, receiver) = async_broadcast::broadcast(SUBSCRIBER_BUFFER);
+        // Back-pressure instead of dropping: a lagging controller must not miss a change.
+        sender.set_overflow(false);
+        sender.set_await_active(false);
+        Self { api, config, strip, store, writer, sender, subscribers: receiver.deactivate(), resource, metrics }
+    }
+
+    /// Read handle on the cached objects.
+    pub fn store(&self) -> Store<K> {
+        self.store.clone()
+    }
+
+    /// A stream of every object that changed or disappeared, starting with the whole cache once
+    /// the first list completes. Subscribe before [`SharedCache::run`] and keep polling it.
+    pub fn subscribe(&self) -> impl Stream<Item = Arc<K>> + Send + 'static {
+        self.subscribers.activate_cloned()
+    }
+
+    /// Lists and watches until `shutdown` fires, keeping the store current and notifying
+    /// subscribers. Watch errors (including 410 Gone) are retried with backoff by relisting.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let Self { api, config, strip, store, mut writer, sender, subscribers, resource, metrics } = self;
+        drop(subscribers);
+        let events = watch::watcher(api, config).default_backoff().modify(strip);
+        let mut events = std::pin::pin!(events);
+        loop {
+            let event = tokio::select! {
+                () = shutdown.cancelled() => break,
+                event = events.next() => event,
+            };
+            match event {
+                None => break,
+                Some(Err(error)) => {
+                    metrics.watch_events_total.with_label_values(&[resource, "ERROR"]).inc();
+                    tracing::warn!(resource, %error, "watch failed; relisting with backoff");
+                }
+                Some(Ok(event)) => {
+                    let changed = apply(&store, &mut writer, event, resource, &metrics);
+                    for object in changed {
+                        // An error only means no controller is subscribed right now.
+                        let _ = sender.broadcast_direct(object).await;
+                    }
+                    metrics.cache_objects.with_label_values(&[resource]).set(store.len() as i64);
+                }
+            }
+        }
+        sender.close();
+    }
+}
+
+/// Applies one watch event to the store and returns the objects subscribers must hear about.
+fn apply<K>(
+    store: &Store<K>,
+    writer: &mut reflector::store::Writer<K>,
+    event: Event<K>,
+    resource: &'static str,
+    metrics: &Metrics,
+) -> Vec<Arc<K>>
+where
+    K: Resource<DynamicType = ()> + Clone + 'static,
+{
+    let label = match &event {
+        Event::Apply(_) => "APPLY",
+        Event::Delete(_) => "DELETE",
+        Event::Init => "INIT",
+        Event::InitApply(_) => "INIT_APPLY",
+        Event::InitDone => "INIT_DONE",
+    };
+    metrics.watch_events_total.with_label_values(&[resource, label]).inc();
+    match event {
+        Event::Apply(object) => {
+            let key = ObjectRef::from_obj(&object);
+            writer.apply_watcher_event(&Event::Apply(object));
+            store.get(&key).into_iter().collect()
+        }
+        Event::Delete(object) => {
+            writer.apply_watcher_event(&Event::Delete(object.clone()));
+            vec![Arc::new(object)]
+        }
+        Event::InitDone => {
+            // After a (re)list, objects that vanished while the watch was down get no Delete
+            // event of their own: report them, then everything that is present.
+            let before = store.state();
+            writer.apply_watcher_event(&Event::InitDone);
+            let present: HashSet<ObjectRef<K>> =
+                store.state().iter().map(|o| ObjectRef::from_obj(o.as_ref())).collect();
+            let vanished = before.into_iter().filter(|o| !present.contains(&ObjectRef::from_obj(o.as_ref())));
+            vanished.chain(store.state()).collect()
+        }
+        other => {
+            writer.apply_watcher_event(&other);
+            Vec::new()
+        }
+    }
+}
+
+/// Removes what no reconciler reads from every cached object: managedFields (often the larger
+/// half of an object) and annotations (kubectl's last-applied copy duplicates the whole spec).
+pub fn strip_metadata<K: Resource>(object: &mut K) {
+    let meta = object.meta_mut();
+    meta.managed_fields = None;
+    meta.annotations = None;
+}
