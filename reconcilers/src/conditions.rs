@@ -77,7 +77,7 @@ mod tests {
         let first = ready_condition(&[], ConditionStatus::True, Reason::ConfigMapSynced, "ok".into(), Some(1), at(100));
         assert_eq!(first.last_transition_time, at(100));
         let again = ready_condition(
-            &[first.clone()],
+            std::slice::from_ref(&first),
             ConditionStatus::True,
             Reason::ConfigMapSynced,
             "ok".into(),

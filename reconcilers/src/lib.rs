@@ -84,6 +84,9 @@ pub struct Settings {
     pub message_broadcast_concurrency: u16,
     /// This replica's name (the pod name), shown in the events it writes.
     pub instance: Option<String>,
+    /// Watch and manage only this namespace (MessageBroadcasts then copy only into it);
+    /// `None` manages the whole cluster.
+    pub watch_namespace: Option<String>,
 }
 
 impl Default for Settings {
@@ -93,7 +96,19 @@ impl Default for Settings {
             my_resource_concurrency: 4,
             message_broadcast_concurrency: 2,
             instance: None,
+            watch_namespace: None,
         }
+    }
+}
+
+/// An API for a namespaced kind over one namespace, or over all of them.
+fn scoped_api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+where
+    K: kube::Resource<Scope = kube::core::NamespaceResourceScope, DynamicType = ()>,
+{
+    match namespace {
+        Some(namespace) => Api::namespaced(client.clone(), namespace),
+        None => Api::all(client.clone()),
     }
 }
 
@@ -110,9 +125,10 @@ fn strip_namespace(namespace: &mut Namespace) {
 /// fires; returns once every controller has finished its in-flight reconciles.
 pub async fn run(client: Client, settings: Settings, metrics: Metrics, shutdown: CancellationToken) {
     let wants = |kind| settings.controllers.contains(&kind);
+    let scope = settings.watch_namespace.as_deref();
     // ConfigMaps are shared by both controllers; only those this operator manages are watched.
     let config_maps = SharedCache::new(
-        Api::<ConfigMap>::all(client.clone()),
+        scoped_api::<ConfigMap>(&client, scope),
         watcher::Config::default().labels(&owned_config_map::managed_selector()).any_semantic(),
         strip_metadata,
         "configmaps",
@@ -122,7 +138,7 @@ pub async fn run(client: Client, settings: Settings, metrics: Metrics, shutdown:
 
     if wants(ControllerKind::MyResource) {
         let resources = SharedCache::new(
-            Api::<MyResource>::all(client.clone()),
+            scoped_api::<MyResource>(&client, scope),
             watcher::Config::default().any_semantic(),
             strip_metadata,
             "myresources",
@@ -149,9 +165,13 @@ pub async fn run(client: Client, settings: Settings, metrics: Metrics, shutdown:
             "messagebroadcasts",
             metrics.clone(),
         );
+        let namespace_filter = match scope {
+            Some(namespace) => watcher::Config::default().fields(&format!("metadata.name={namespace}")),
+            None => watcher::Config::default(),
+        };
         let namespaces = SharedCache::new(
             Api::<Namespace>::all(client.clone()),
-            watcher::Config::default().any_semantic(),
+            namespace_filter.any_semantic(),
             strip_namespace,
             "namespaces",
             metrics.clone(),

@@ -24,7 +24,7 @@ use crate::conditions::{Reason, now, ready_condition};
 use crate::controller_context::{ControllerContext, Requeue};
 use crate::error::{Error, Result};
 use crate::owned_config_map::{self, DesiredConfigMap, MANAGER, WriteOutcome, controller_uid};
-use crate::shared_cache::SharedCache;
+use crate::shared_cache::{SharedCache, wait_until_synced};
 
 /// Name of this controller in metrics, logs and spans.
 pub const CONTROLLER: &str = "messagebroadcast";
@@ -296,7 +296,9 @@ pub fn controller(
     context.base.metrics.max_concurrent_reconciles.with_label_values(&[CONTROLLER]).set(i64::from(concurrency));
     let broadcast_store = broadcasts.store();
     let config_map_store = config_maps.store();
-    Controller::for_shared_stream(broadcasts.subscribe(), broadcasts.store())
+    let caches_synced =
+        wait_until_synced(vec![broadcasts.synced(), config_maps.synced(), namespaces.synced()], shutdown.clone());
+    let controller = Controller::for_shared_stream(broadcasts.subscribe(), broadcasts.store())
         .watches_shared_stream(config_maps.subscribe(), owner_of_copy)
         .watches_shared_stream(namespaces.subscribe(), move |namespace| {
             broadcasts_for_namespace(&namespace, &broadcast_store, &config_map_store)
@@ -304,7 +306,12 @@ pub fn controller(
         .with_config(Config::default().concurrency(concurrency))
         .graceful_shutdown_on(async move { shutdown.cancelled().await })
         .run(reconcile, error_policy, context)
-        .for_each(|_| futures::future::ready(()))
+        .for_each(|_| futures::future::ready(()));
+    async move {
+        if caches_synced.await {
+            controller.await;
+        }
+    }
 }
 
 #[cfg(test)]

@@ -132,6 +132,29 @@ impl Metrics {
             .sum()
     }
 
+    /// Requests counted so far as `METHOD code: count` lines, for failure messages.
+    pub fn request_summary(&self) -> String {
+        let mut lines: Vec<String> = self
+            .rest_client_requests_total
+            .collect()
+            .iter()
+            .flat_map(|family| family.get_metric())
+            .map(|metric| {
+                let label = |name: &str| {
+                    metric
+                        .get_label()
+                        .iter()
+                        .find(|l| l.name() == name)
+                        .map(|l| l.value().to_owned())
+                        .unwrap_or_default()
+                };
+                format!("{} {}: {}", label("method"), label("code"), metric.get_counter().get_value())
+            })
+            .collect();
+        lines.sort();
+        lines.join(", ")
+    }
+
     /// Write requests (POST, PUT, PATCH, DELETE) counted so far.
     pub fn write_requests(&self) -> u64 {
         ["POST", "PUT", "PATCH", "DELETE"].iter().map(|m| self.requests_with_method(m)).sum()

@@ -22,7 +22,7 @@ use crate::conditions::{Reason, now, ready_condition};
 use crate::controller_context::{ControllerContext, Requeue};
 use crate::error::{Error, Result};
 use crate::owned_config_map::{self, DesiredConfigMap, MANAGER, WriteOutcome};
-use crate::shared_cache::SharedCache;
+use crate::shared_cache::{SharedCache, wait_until_synced};
 
 /// Name of this controller in metrics, logs and spans.
 pub const CONTROLLER: &str = "myresource";
@@ -55,13 +55,13 @@ pub fn desired_config_map(resource: &MyResource) -> Result<DesiredConfigMap> {
 }
 
 /// The status after a reconcile: Ready with the ConfigMap's name, or Failed with the reason.
-pub fn desired_status(resource: &MyResource, outcome: &Result<String>) -> MyResourceStatus {
+pub fn desired_status(resource: &MyResource, outcome: Result<&str, &Error>) -> MyResourceStatus {
     let previous = resource.status.as_ref().map(|s| s.conditions.as_slice()).unwrap_or_default();
     let generation = resource.metadata.generation;
     let (phase, config_map_name, condition) = match outcome {
         Ok(name) => (
             Phase::Ready,
-            Some(name.clone()),
+            Some(name.to_owned()),
             ready_condition(
                 previous,
                 ConditionStatus::True,
@@ -124,7 +124,14 @@ async fn reconcile_inner(resource: &MyResource, context: &Context) -> Result<Req
             }
             (Ok(name), Requeue::OnChange)
         }
-        Err(error) if error.is_transient() => return Err(error),
+        Err(error) if error.is_transient() => {
+            // Say why the resource is not Ready yet; if even that write fails, the retry will.
+            let status = desired_status(resource, Err(&error));
+            if resource.status.as_ref() != Some(&status) {
+                let _ = write_status(resource, context, &status).await;
+            }
+            return Err(error);
+        }
         Err(error) => {
             let requeue = match error {
                 Error::ConfigMapConflict { .. } => Requeue::After(CONFLICT_RECHECK),
@@ -133,7 +140,7 @@ async fn reconcile_inner(resource: &MyResource, context: &Context) -> Result<Req
             (Err(error), requeue)
         }
     };
-    let status = desired_status(resource, &outcome);
+    let status = desired_status(resource, outcome.as_deref());
     if resource.status.as_ref() != Some(&status) {
         write_status(resource, context, &status).await?;
         if let Err(error) = &outcome {
@@ -180,12 +187,18 @@ pub fn controller(
     shutdown: CancellationToken,
 ) -> impl Future<Output = ()> + Send + 'static {
     context.base.metrics.max_concurrent_reconciles.with_label_values(&[CONTROLLER]).set(i64::from(concurrency));
-    Controller::for_shared_stream(resources.subscribe(), resources.store())
+    let caches_synced = wait_until_synced(vec![resources.synced(), config_maps.synced()], shutdown.clone());
+    let controller = Controller::for_shared_stream(resources.subscribe(), resources.store())
         .watches_shared_stream(config_maps.subscribe(), owners_of)
         .with_config(Config::default().concurrency(concurrency))
         .graceful_shutdown_on(async move { shutdown.cancelled().await })
         .run(reconcile, error_policy, context)
-        .for_each(|_| futures::future::ready(()))
+        .for_each(|_| futures::future::ready(()));
+    async move {
+        if caches_synced.await {
+            controller.await;
+        }
+    }
 }
 
 #[cfg(test)]
@@ -222,7 +235,7 @@ mod tests {
 
     #[test]
     fn ready_status_names_the_config_map_and_the_generation() {
-        let status = desired_status(&resource("hello", "hi"), &Ok("hello-configmap".into()));
+        let status = desired_status(&resource("hello", "hi"), Ok("hello-configmap"));
         assert_eq!(status.phase, Some(Phase::Ready));
         assert_eq!(status.config_map_name.as_deref(), Some("hello-configmap"));
         assert_eq!(status.observed_generation, Some(3));
@@ -237,7 +250,7 @@ mod tests {
             name: "hello-configmap".into(),
             owner: "MyResource/hello".into(),
         };
-        let status = desired_status(&resource("hello", "hi"), &Err(conflict));
+        let status = desired_status(&resource("hello", "hi"), Err(&conflict));
         assert_eq!(status.phase, Some(Phase::Failed));
         assert_eq!(status.config_map_name, None);
         assert_eq!(status.conditions[0].reason, "ConfigMapConflict");
@@ -247,8 +260,8 @@ mod tests {
     #[test]
     fn an_unchanged_outcome_reproduces_the_stored_status_exactly() {
         let mut stored = resource("hello", "hi");
-        stored.status = Some(desired_status(&stored, &Ok("hello-configmap".into())));
-        let again = desired_status(&stored, &Ok("hello-configmap".into()));
+        stored.status = Some(desired_status(&stored, Ok("hello-configmap")));
+        let again = desired_status(&stored, Ok("hello-configmap"));
         assert_eq!(stored.status, Some(again), "so a resync writes nothing");
     }
 

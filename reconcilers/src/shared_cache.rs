@@ -65,6 +65,12 @@ where
         self.store.clone()
     }
 
+    /// Resolves once the first list has completed (true), or never if the watch ends first.
+    pub fn synced(&self) -> futures::future::BoxFuture<'static, bool> {
+        let store = self.store.clone();
+        Box::pin(async move { store.wait_until_ready().await.is_ok() })
+    }
+
     /// A stream of every object that changed or disappeared, starting with the whole cache once
     /// the first list completes. Subscribe before [`SharedCache::run`] and keep polling it.
     pub fn subscribe(&self) -> impl Stream<Item = Arc<K>> + Send + 'static {
@@ -100,6 +106,19 @@ where
             }
         }
         sender.close();
+    }
+}
+
+/// Waits until every cache has completed its first list, as controller-runtime waits for its
+/// informers before starting workers: reconciling against a half-filled cache would see owned
+/// objects as missing. False when `shutdown` fires first.
+pub async fn wait_until_synced(
+    caches: Vec<futures::future::BoxFuture<'static, bool>>,
+    shutdown: CancellationToken,
+) -> bool {
+    tokio::select! {
+        () = shutdown.cancelled() => false,
+        synced = futures::future::join_all(caches) => synced.into_iter().all(|ok| ok),
     }
 }
 

@@ -190,3 +190,43 @@ pub fn stdout_of(output: &Output) -> Result<String> {
     }
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
+
+/// Controllers running in this test process against the local control plane, with their own
+/// metrics (so a test can count their reconciles and API writes).
+pub struct RunningControllers {
+    pub metrics: reconcilers::Metrics,
+    shutdown: tokio_util::sync::CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RunningControllers {
+    /// Starts the controllers of `settings` as the identity in `kubeconfig`, counting every API
+    /// request in `rest_client_requests_total`.
+    pub async fn start(kubeconfig: &Path, settings: reconcilers::Settings) -> Result<Self> {
+        let metrics = reconcilers::Metrics::new()?;
+        let config =
+            Config::from_custom_kubeconfig(kube::config::Kubeconfig::read_from(kubeconfig)?, &Default::default())
+                .await?;
+        let host = config.cluster_url.host().unwrap_or_default().to_owned();
+        let client =
+            kube::client::ClientBuilder::try_from(config)?.with_layer(&metrics.rest_client_layer(host)).build();
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let task = tokio::spawn(reconcilers::run(client, settings, metrics.clone(), shutdown.clone()));
+        Ok(Self { metrics, shutdown, task })
+    }
+
+    /// Starts every controller, watching only `namespace`, as the administrator.
+    pub async fn start_in(cluster: &TestCluster, namespace: &str) -> Result<Self> {
+        let settings = reconcilers::Settings { watch_namespace: Some(namespace.to_owned()), ..Default::default() };
+        Self::start(&cluster.admin_kubeconfig, settings).await
+    }
+
+    /// Stops the controllers and waits until their in-flight reconciles finished.
+    pub async fn stop(self) -> Result<()> {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(30), self.task)
+            .await
+            .context("controllers did not stop within 30s")??;
+        Ok(())
+    }
+}

@@ -1,0 +1,208 @@
+//! The MessageBroadcast controller against the local control plane. It is cluster-wide by nature,
+//! so the tests of this file run one at a time (cargo runs test files one after another, and a
+//! lock serialises the tests inside this one).
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use crd_types::{ConditionStatus, MessageBroadcast, MessageBroadcastSpec};
+use e2e_tests::{RunningControllers, TestCluster, TestNamespace, eventually, install_crds};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::{Client, ResourceExt};
+use reconcilers::{ControllerKind, Settings};
+use serde_json::json;
+use tokio::sync::Mutex;
+
+static ONE_AT_A_TIME: Mutex<()> = Mutex::const_new(());
+const CONVERGE: Duration = Duration::from_secs(60);
+
+async fn start_broadcast_controller(cluster: &TestCluster) -> Result<RunningControllers> {
+    let settings = Settings { controllers: [ControllerKind::MessageBroadcast].into(), ..Settings::default() };
+    RunningControllers::start(&cluster.admin_kubeconfig, settings).await
+}
+
+fn unique(prefix: &str) -> String {
+    format!("{prefix}-{:06x}", rand::random::<u32>() & 0xff_ffff)
+}
+
+async fn label_namespace(client: &Client, namespace: &str, key: &str, value: Option<&str>) -> Result<()> {
+    let patch = json!({"metadata": {"labels": {key: value}}});
+    Api::<Namespace>::all(client.clone()).patch(namespace, &PatchParams::default(), &Patch::Merge(patch)).await?;
+    Ok(())
+}
+
+async fn create_broadcast(client: &Client, name: &str, selector: LabelSelector, config_map: &str) -> Result<()> {
+    let broadcast = MessageBroadcast::new(
+        name,
+        MessageBroadcastSpec {
+            message: format!("broadcast {name}"),
+            namespace_selector: selector,
+            config_map_name: Some(config_map.to_owned()),
+        },
+    );
+    Api::<MessageBroadcast>::all(client.clone()).create(&PostParams::default(), &broadcast).await?;
+    Ok(())
+}
+
+/// Namespaces that hold a ConfigMap `name` owned by a MessageBroadcast.
+async fn namespaces_with_copy(client: &Client, name: &str) -> Result<BTreeSet<String>> {
+    let all: Api<ConfigMap> = Api::all(client.clone());
+    let list = all.list(&ListParams::default().fields(&format!("metadata.name={name}"))).await?;
+    Ok(list
+        .items
+        .iter()
+        .filter(|cm| cm.owner_references().iter().any(|o| o.kind == "MessageBroadcast"))
+        .filter_map(|cm| cm.namespace())
+        .collect())
+}
+
+/// Waits until the broadcast's status reports `matched` / `ready` for its current generation.
+async fn wait_for_counts(client: &Client, name: &str, matched: u32, ready: u32) -> Result<MessageBroadcast> {
+    let api: Api<MessageBroadcast> = Api::all(client.clone());
+    eventually(CONVERGE, &format!("broadcast {name} to report {ready}/{matched}"), || async {
+        let broadcast = api.get(name).await?;
+        let status = broadcast.status.clone().unwrap_or_default();
+        let current = status.observed_generation == broadcast.metadata.generation;
+        Ok((current && status.matched_namespaces == matched && status.ready_namespaces == ready).then_some(broadcast))
+    })
+    .await
+}
+
+fn selector(key: &str, value: &str) -> LabelSelector {
+    LabelSelector { match_labels: Some([(key.to_owned(), value.to_owned())].into()), match_expressions: None }
+}
+
+#[tokio::test]
+async fn copies_follow_the_selector_and_leave_with_the_broadcast() -> Result<()> {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let cluster = TestCluster::get()?;
+    let client = cluster.admin_client().await?;
+    install_crds(&client).await?;
+    let key = "e2e.example.com/audience";
+    let audience = unique("team");
+    let first = TestNamespace::create(&client, "mb-a").await?;
+    let second = TestNamespace::create(&client, "mb-b").await?;
+    let outsider = TestNamespace::create(&client, "mb-out").await?;
+    label_namespace(&client, &first.name, key, Some(&audience)).await?;
+    label_namespace(&client, &second.name, key, Some(&audience)).await?;
+    let controllers = start_broadcast_controller(&cluster).await?;
+
+    let name = unique("notice");
+    create_broadcast(&client, &name, selector(key, &audience), &name).await?;
+    let broadcast = wait_for_counts(&client, &name, 2, 2).await?;
+    let ready = broadcast.status.and_then(|s| s.conditions.into_iter().next()).context("Ready condition")?;
+    ensure!(ready.status == ConditionStatus::True && ready.reason == "CopiesSynced", "{ready:?}");
+    let holders = namespaces_with_copy(&client, &name).await?;
+    ensure!(holders == BTreeSet::from([first.name.clone(), second.name.clone()]), "copies in {holders:?}");
+    let copy = Api::<ConfigMap>::namespaced(client.clone(), &first.name).get(&name).await?;
+    ensure!(copy.data.and_then(|d| d.get("message").cloned()) == Some(format!("broadcast {name}")));
+
+    // A namespace created (here: labelled) into the selector gets its copy.
+    label_namespace(&client, &outsider.name, key, Some(&audience)).await?;
+    wait_for_counts(&client, &name, 3, 3).await?;
+    ensure!(namespaces_with_copy(&client, &name).await?.contains(&outsider.name));
+
+    // Relabelled out of the selector: its copy is removed.
+    label_namespace(&client, &first.name, key, None).await?;
+    wait_for_counts(&client, &name, 2, 2).await?;
+    eventually(CONVERGE, "the copy to leave the relabelled namespace", || async {
+        Ok((!namespaces_with_copy(&client, &name).await?.contains(&first.name)).then_some(()))
+    })
+    .await?;
+
+    // A brand-new namespace that matches gets a copy.
+    let late = TestNamespace::create(&client, "mb-late").await?;
+    label_namespace(&client, &late.name, key, Some(&audience)).await?;
+    wait_for_counts(&client, &name, 3, 3).await?;
+
+    // Restarted controllers over an in-sync cluster write nothing.
+    controllers.stop().await?;
+    let restarted = start_broadcast_controller(&cluster).await?;
+    eventually(CONVERGE, "the restarted controller to reconcile", || async {
+        Ok((restarted.metrics.reconciles("messagebroadcast") >= 1).then_some(()))
+    })
+    .await?;
+    ensure!(restarted.metrics.write_requests() == 0, "writes after restart: {}", restarted.metrics.request_summary());
+
+    // Deleting the broadcast removes every copy (garbage collector, cluster-scoped owner).
+    Api::<MessageBroadcast>::all(client.clone()).delete(&name, &DeleteParams::default()).await?;
+    eventually(CONVERGE, "every copy to be garbage collected", || async {
+        Ok(namespaces_with_copy(&client, &name).await?.is_empty().then_some(()))
+    })
+    .await?;
+    restarted.stop().await?;
+    for namespace in [first, second, outsider, late] {
+        namespace.delete().await?;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_empty_selector_covers_every_active_namespace() -> Result<()> {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let cluster = TestCluster::get()?;
+    let client = cluster.admin_client().await?;
+    install_crds(&client).await?;
+    let controllers = start_broadcast_controller(&cluster).await?;
+    let name = unique("everyone");
+    create_broadcast(&client, &name, LabelSelector::default(), &name).await?;
+
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    eventually(CONVERGE, "a copy in every Active namespace", || async {
+        let active: BTreeSet<String> = namespaces
+            .list(&ListParams::default())
+            .await?
+            .items
+            .iter()
+            .filter(|ns| ns.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Active"))
+            .map(|ns| ns.name_any())
+            .collect();
+        let holders = namespaces_with_copy(&client, &name).await?;
+        let status = Api::<MessageBroadcast>::all(client.clone()).get(&name).await?.status.unwrap_or_default();
+        let counted =
+            status.matched_namespaces as usize == active.len() && status.ready_namespaces == status.matched_namespaces;
+        Ok((active.is_subset(&holders) && counted && active.contains("kube-system")).then_some(()))
+    })
+    .await?;
+    Api::<MessageBroadcast>::all(client.clone()).delete(&name, &DeleteParams::default()).await?;
+    eventually(CONVERGE, "every copy to be garbage collected", || async {
+        Ok(namespaces_with_copy(&client, &name).await?.is_empty().then_some(()))
+    })
+    .await?;
+    controllers.stop().await
+}
+
+#[tokio::test]
+async fn a_foreign_config_map_is_reported_as_a_conflict_and_left_alone() -> Result<()> {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let cluster = TestCluster::get()?;
+    let client = cluster.admin_client().await?;
+    install_crds(&client).await?;
+    let key = "e2e.example.com/audience";
+    let audience = unique("team");
+    let free = TestNamespace::create(&client, "mb-free").await?;
+    let taken = TestNamespace::create(&client, "mb-taken").await?;
+    label_namespace(&client, &free.name, key, Some(&audience)).await?;
+    label_namespace(&client, &taken.name, key, Some(&audience)).await?;
+    let name = unique("memo");
+    let foreign: ConfigMap = serde_json::from_value(json!({"metadata": {"name": name}, "data": {"message": "local"}}))?;
+    let foreign =
+        Api::<ConfigMap>::namespaced(client.clone(), &taken.name).create(&PostParams::default(), &foreign).await?;
+    let controllers = start_broadcast_controller(&cluster).await?;
+
+    create_broadcast(&client, &name, selector(key, &audience), &name).await?;
+    let broadcast = wait_for_counts(&client, &name, 2, 1).await?;
+    let ready = broadcast.status.and_then(|s| s.conditions.into_iter().next()).context("Ready condition")?;
+    ensure!(ready.status == ConditionStatus::False && ready.reason == "ConfigMapConflict", "{ready:?}");
+    ensure!(ready.message.contains(&taken.name) && !ready.message.contains(&free.name), "{}", ready.message);
+    let after = Api::<ConfigMap>::namespaced(client.clone(), &taken.name).get(&name).await?;
+    ensure!(after.metadata.resource_version == foreign.metadata.resource_version, "the foreign ConfigMap was modified");
+
+    Api::<MessageBroadcast>::all(client.clone()).delete(&name, &DeleteParams::default()).await?;
+    controllers.stop().await?;
+    free.delete().await?;
+    taken.delete().await
+}
