@@ -9,7 +9,9 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Client, Resource};
+use opentelemetry::trace::TraceContextExt;
 use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::backoff::PerObjectBackoff;
 use crate::error::{Error, Result};
@@ -63,7 +65,13 @@ where
         Fut: Future<Output = Result<Requeue>>,
     {
         let key = ObjectRef::from_obj(object);
-        let span = tracing::info_span!("reconcile", controller = self.controller, object = %key);
+        let span = tracing::info_span!("reconcile", controller = self.controller, object = %key, trace_id = tracing::field::Empty);
+        // The OpenTelemetry layer (when installed) gives every span a trace id; carrying it as a
+        // field puts it on every log line of the reconcile, for jumping from logs to traces.
+        let trace_id = span.context().span().span_context().trace_id();
+        if trace_id != opentelemetry::trace::TraceId::INVALID {
+            span.record("trace_id", tracing::field::display(trace_id));
+        }
         let workers = self.metrics.active_workers.with_label_values(&[self.controller]);
         workers.inc();
         let started = Instant::now();

@@ -230,3 +230,149 @@ impl RunningControllers {
         Ok(())
     }
 }
+
+/// Stops or starts a control-plane component through `cargo xtask cluster stop|start`.
+pub fn cluster_component(action: &str, component: &str) -> Result<()> {
+    let xtask = std::env::var_os("EXAMPLE_OPERATOR_XTASK")
+        .context("EXAMPLE_OPERATOR_XTASK is not set: run the tests with `cargo xtask test`")?;
+    let output = Command::new(xtask).args(["cluster", action, component]).output()?;
+    if !output.status.success() {
+        bail!("cluster {action} {component} failed: {}", String::from_utf8_lossy(&output.stderr));
+    }
+    Ok(())
+}
+
+/// The operator binary built by `cargo xtask test`.
+pub fn operator_binary() -> Result<PathBuf> {
+    let path = std::env::var_os("EXAMPLE_OPERATOR_BIN")
+        .map(PathBuf::from)
+        .context("EXAMPLE_OPERATOR_BIN is not set: run the tests with `cargo xtask test`, which builds the operator")?;
+    ensure_file(&path)?;
+    Ok(path)
+}
+
+fn ensure_file(path: &Path) -> Result<()> {
+    if !path.is_file() {
+        bail!("{} does not exist; build it with `cargo build -p operator`", path.display());
+    }
+    Ok(())
+}
+
+/// A free port on 127.0.0.1.
+pub fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// GETs `path` from `127.0.0.1:port` over plain HTTP/1.0; returns the status code and body.
+pub async fn http_get(port: u16, path: &str) -> Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes()).await?;
+    let mut response = String::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_string(&mut response)).await??;
+    let (head, body) = response.split_once("\r\n\r\n").context("an HTTP response")?;
+    let code = head.split_whitespace().nth(1).context("a status code")?.parse()?;
+    Ok((code, body.to_owned()))
+}
+
+/// The value of the sample `series` (name with labels exactly as exposed, e.g.
+/// `leader_election_master_status{name="x"}`) in a Prometheus text exposition.
+pub fn sample(exposition: &str, series: &str) -> Option<f64> {
+    exposition.lines().find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// Sum of every sample of metric `name` whose labels include `label` (e.g. `controller="myresource"`).
+pub fn sum_samples(exposition: &str, name: &str, label: &str) -> f64 {
+    exposition
+        .lines()
+        .filter(|line| line.starts_with(&format!("{name}{{")) && line.contains(label))
+        .filter_map(|line| line.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}
+
+/// Election timing short enough for tests: lease 4 s, renew deadline 3 s, retry 0.5 s.
+pub const TEST_LEASE: [&str; 6] = ["--lease-duration", "4s", "--renew-deadline", "3s", "--retry-period", "500ms"];
+
+/// An operator replica running as a child process of the test.
+pub struct OperatorProcess {
+    pub identity: String,
+    pub metrics_port: u16,
+    pub probe_port: u16,
+    child: tokio::process::Child,
+    pub log: PathBuf,
+}
+
+impl OperatorProcess {
+    /// Starts a replica named `identity` with the Lease `lease` in `namespace`, managing only
+    /// `namespace`, plus `extra` arguments and `env`.
+    pub fn spawn(
+        kubeconfig: &Path,
+        identity: &str,
+        lease: &str,
+        namespace: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Self> {
+        let metrics_port = free_port()?;
+        let probe_port = free_port()?;
+        let log = std::env::temp_dir()
+            .join(format!("example-operator-{identity}-{:06x}.log", rand::random::<u32>() & 0xff_ffff));
+        let out = std::fs::File::create(&log)?;
+        let child = tokio::process::Command::new(operator_binary()?)
+            .arg("--kubeconfig")
+            .arg(kubeconfig)
+            .args(["--identity", identity, "--leader-election-id", lease, "--leader-election-namespace", namespace])
+            .args(["--watch-namespace", namespace])
+            .args(["--metrics-bind-address", &format!("127.0.0.1:{metrics_port}")])
+            .args(["--health-probe-bind-address", &format!("127.0.0.1:{probe_port}")])
+            .args(extra)
+            .env_remove("POD_NAME")
+            .env_remove("POD_NAMESPACE")
+            .envs(env.iter().copied())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting the operator")?;
+        Ok(Self { identity: identity.to_owned(), metrics_port, probe_port, child, log })
+    }
+
+    /// The replica's /metrics text.
+    pub async fn metrics(&self) -> Result<String> {
+        let (code, body) = http_get(self.metrics_port, "/metrics").await?;
+        if code != 200 {
+            bail!("/metrics answered {code}");
+        }
+        Ok(body)
+    }
+
+    /// 1 when the replica reports it leads `lease`, 0 when standby.
+    pub async fn master_status(&self, lease: &str) -> Result<f64> {
+        let metrics = self.metrics().await?;
+        sample(&metrics, &format!("leader_election_master_status{{name=\"{lease}\"}}"))
+            .context("leader_election_master_status is exposed")
+    }
+
+    /// Reconciles this replica ran, over every controller.
+    pub async fn reconciles(&self) -> Result<f64> {
+        Ok(sum_samples(&self.metrics().await?, "controller_runtime_reconcile_total", "controller="))
+    }
+
+    /// Sends `signal` to the replica.
+    pub fn signal(&self, signal: nix::sys::signal::Signal) -> Result<()> {
+        let pid = self.child.id().context("the replica has exited")?;
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal)?;
+        Ok(())
+    }
+
+    /// Waits up to `timeout` for the replica to exit and returns its exit code.
+    pub async fn wait(&mut self, timeout: Duration) -> Result<Option<i32>> {
+        let status = tokio::time::timeout(timeout, self.child.wait()).await.context("the replica did not exit")??;
+        Ok(status.code())
+    }
+
+    /// The replica's log so far, for failure messages.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}

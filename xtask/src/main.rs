@@ -56,6 +56,10 @@ enum ClusterAction {
     Status,
     /// Print `export` lines for a shell: `eval "$(cargo xtask cluster env)"`.
     Env,
+    /// Stop one component (etcd, kube-apiserver, kube-controller-manager), for fault injection.
+    Stop { component: String },
+    /// Start a stopped component again with its recorded arguments and wait until it serves.
+    Start { component: String },
 }
 
 /// The workspace root: the parent of this crate's folder.
@@ -79,6 +83,8 @@ fn main() -> Result<()> {
             }
             ClusterAction::Down => cluster::down(&root),
             ClusterAction::Status => cluster::status(&root),
+            ClusterAction::Stop { component } => cluster::stop_component(&root, &component),
+            ClusterAction::Start { component } => cluster::start_component(&root, &component),
             ClusterAction::Env => {
                 let state = cluster::ClusterState::load(&root)?
                     .context("no local control plane is recorded; start one with `cargo xtask cluster up`")?;

@@ -12,11 +12,28 @@ use crate::cluster::{self, CLUSTER_DIR_ENV};
 pub fn run(root: &Path, cargo_test_args: &[String]) -> Result<()> {
     let (state, started) = cluster::up(root)?;
     eprintln!("running tests against {} (Kubernetes {})", state.server, state.kubernetes_version);
-    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned()))
+    // The end-to-end tests run the operator binary as separate processes, and use this very
+    // xtask to stop and start control-plane components.
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    let built = Command::new(&cargo)
+        .current_dir(root)
+        .args(["build", "--package", "operator", "--bin", "example-operator"])
+        .status()
+        .context("building the operator binary")?;
+    if !built.success() {
+        bail!("building the operator binary failed ({built})");
+    }
+    let target_dir =
+        std::env::var_os("CARGO_TARGET_DIR").map(std::path::PathBuf::from).unwrap_or_else(|| root.join("target"));
+    let operator_binary = target_dir.join("debug/example-operator");
+    let xtask_binary = std::env::current_exe().context("locating the xtask binary")?;
+    let status = Command::new(&cargo)
         .current_dir(root)
         .args(["test", "--workspace"])
         .args(cargo_test_args)
         .env(CLUSTER_DIR_ENV, &state.dir)
+        .env("EXAMPLE_OPERATOR_BIN", &operator_binary)
+        .env("EXAMPLE_OPERATOR_XTASK", &xtask_binary)
         .env("EXAMPLE_OPERATOR_RESTRICTED_KUBECONFIG", &state.restricted_kubeconfig)
         // Anything that falls back to KUBECONFIG reaches the test cluster, never a real one.
         .env("KUBECONFIG", &state.admin_kubeconfig)

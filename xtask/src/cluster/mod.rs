@@ -308,6 +308,60 @@ pub fn status(root: &Path) -> Result<()> {
     Ok(())
 }
 
+/// `cluster stop COMPONENT`: stops one component (fault injection); `cluster start` restarts it.
+pub fn stop_component(root: &Path, name: &str) -> Result<()> {
+    let state = ClusterState::load(root)?.context("no local control plane is recorded")?;
+    let process = state.component(name)?;
+    process.stop(Duration::from_secs(10));
+    println!("stopped {name} (pid {})", process.pid);
+    Ok(())
+}
+
+/// `cluster start COMPONENT`: starts a stopped component again with its recorded arguments and
+/// waits until it serves.
+pub fn start_component(root: &Path, name: &str) -> Result<()> {
+    let mut state = ClusterState::load(root)?.context("no local control plane is recorded")?;
+    let process = state.component(name)?.clone();
+    if process.is_running() {
+        println!("{name} is already running (pid {})", process.pid);
+        return Ok(());
+    }
+    let log_dir = process.log.parent().context("log file has a folder")?.to_path_buf();
+    let started = process::spawn(name, &process.binary, &process.args, &log_dir)?;
+    let pid = started.pid;
+    if let Some(record) = state.processes.iter_mut().find(|p| p.name == name) {
+        *record = started;
+    }
+    state.save(root)?;
+    if name == "kube-apiserver" {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let client = runtime.block_on(admin_client(&state))?;
+        wait_for(&state, "kube-apiserver /readyz", Duration::from_secs(180), || {
+            runtime.block_on(apiserver_ready(&client))
+        })?;
+    } else if name == "etcd" {
+        let port = etcd_port(&process.args).context("etcd's recorded arguments name no client URL")?;
+        wait_for(&state, "etcd to report healthy", Duration::from_secs(60), || etcd_healthy(port))?;
+    }
+    println!("started {name} (pid {pid})");
+    Ok(())
+}
+
+/// The client port of etcd from its `--listen-client-urls` argument.
+fn etcd_port(args: &[String]) -> Option<u16> {
+    args.iter().find_map(|a| a.strip_prefix("--listen-client-urls=http://127.0.0.1:")).and_then(|p| p.parse().ok())
+}
+
+impl ClusterState {
+    /// The recorded process named `name`.
+    fn component(&self, name: &str) -> Result<&ProcessRecord> {
+        self.processes.iter().find(|p| p.name == name).with_context(|| {
+            let known: Vec<&str> = self.processes.iter().map(|p| p.name.as_str()).collect();
+            format!("no component {name:?}; components: {}", known.join(", "))
+        })
+    }
+}
+
 /// `cluster down`: stops the recorded processes and removes the cluster folder.
 pub fn down(root: &Path) -> Result<()> {
     match ClusterState::load(root)? {

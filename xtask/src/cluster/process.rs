@@ -20,6 +20,9 @@ pub struct ProcessRecord {
     pub name: String,
     pub pid: u32,
     pub binary: PathBuf,
+    /// The arguments it was started with, so it can be started again the same way.
+    #[serde(default)]
+    pub args: Vec<String>,
     pub log: PathBuf,
 }
 
@@ -27,7 +30,9 @@ pub struct ProcessRecord {
 /// does not reach it), with its output in `<log_dir>/<name>.log`.
 pub fn spawn(name: &str, binary: &Path, args: &[String], log_dir: &Path) -> Result<ProcessRecord> {
     let log = log_dir.join(format!("{name}.log"));
-    let out = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+    // Appending keeps the history of a component that is stopped and started again.
+    let out =
+        File::options().create(true).append(true).open(&log).with_context(|| format!("opening {}", log.display()))?;
     let child = Command::new(binary)
         .args(args)
         .stdin(Stdio::null())
@@ -36,7 +41,7 @@ pub fn spawn(name: &str, binary: &Path, args: &[String], log_dir: &Path) -> Resu
         .process_group(0)
         .spawn()
         .with_context(|| format!("starting {}", binary.display()))?;
-    Ok(ProcessRecord { name: name.to_owned(), pid: child.id(), binary: binary.to_path_buf(), log })
+    Ok(ProcessRecord { name: name.to_owned(), pid: child.id(), binary: binary.to_path_buf(), args: args.to_vec(), log })
 }
 
 impl ProcessRecord {

@@ -1,0 +1,286 @@
+//! Command line and environment of the operator, validated before anything starts.
+//!
+//! Flags share names and defaults with kubebuilder operators where a counterpart exists
+//! (`--metrics-bind-address`, `--health-probe-bind-address`, `--leader-elect`, `--kubeconfig`).
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use reconcilers::ControllerKind;
+
+/// Log line format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for log pipelines.
+    Json,
+}
+
+/// Raw command line; [`Cli::validate`] turns it into a [`Config`].
+#[derive(Debug, Parser)]
+#[command(name = "example-operator", version, about = "Kubernetes operator for MyResource and MessageBroadcast")]
+pub struct Cli {
+    /// Path to a kubeconfig; without it, the in-cluster configuration (or ~/.kube/config) is used.
+    #[arg(long, env = "KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+
+    /// Elect a leader among replicas with a coordination.k8s.io/v1 Lease; only the leader reconciles.
+    #[arg(long, env = "LEADER_ELECT", default_value_t = true, action = clap::ArgAction::Set)]
+    pub leader_elect: bool,
+
+    /// Name of the Lease used for leader election.
+    #[arg(long, env = "LEADER_ELECTION_ID", default_value = "example-operator-leader")]
+    pub leader_election_id: String,
+
+    /// Namespace of the Lease. Defaults to POD_NAMESPACE, then the in-cluster namespace, then the
+    /// kubeconfig's namespace.
+    #[arg(long, env = "POD_NAMESPACE")]
+    pub leader_election_namespace: Option<String>,
+
+    /// Identity of this replica in the Lease. Defaults to POD_NAME, else hostname plus a random suffix.
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
+
+    /// How long a Lease stays valid without renewal; standbys wait this long before taking over.
+    #[arg(long, env = "LEASE_DURATION", default_value = "15s", value_parser = humantime::parse_duration)]
+    pub lease_duration: Duration,
+
+    /// How long the leader keeps trying to renew before it stops leading.
+    #[arg(long, env = "RENEW_DEADLINE", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub renew_deadline: Duration,
+
+    /// Interval between election attempts and renewals.
+    #[arg(long, env = "RETRY_PERIOD", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub retry_period: Duration,
+
+    /// After losing the lease, stop the controllers and campaign again instead of exiting
+    /// non-zero (the default, as client-go does).
+    #[arg(long, env = "REENTER_ELECTION_ON_LOSS", default_value_t = false, action = clap::ArgAction::Set)]
+    pub reenter_election_on_loss: bool,
+
+    /// Controllers to run, comma separated.
+    #[arg(long, env = "CONTROLLERS", value_delimiter = ',', default_value = "myresource,messagebroadcast")]
+    pub controllers: Vec<ControllerKind>,
+
+    /// MyResources reconciled at once.
+    #[arg(long, env = "MYRESOURCE_CONCURRENCY", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..))]
+    pub myresource_concurrency: u16,
+
+    /// MessageBroadcasts reconciled at once.
+    #[arg(long, env = "MESSAGEBROADCAST_CONCURRENCY", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..))]
+    pub messagebroadcast_concurrency: u16,
+
+    /// Manage only this namespace instead of the whole cluster.
+    #[arg(long, env = "WATCH_NAMESPACE")]
+    pub watch_namespace: Option<String>,
+
+    /// Address of /metrics, e.g. `:8080` or `127.0.0.1:8080`; `0` disables it.
+    #[arg(long, env = "METRICS_BIND_ADDRESS", default_value = ":8080")]
+    pub metrics_bind_address: String,
+
+    /// Address of /healthz and /readyz; `0` disables them. May equal the metrics address.
+    #[arg(long, env = "HEALTH_PROBE_BIND_ADDRESS", default_value = ":8081")]
+    pub health_probe_bind_address: String,
+
+    /// Log format.
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// Log filter, e.g. `info` or `info,reconcilers=debug` (RUST_LOG syntax).
+    #[arg(long, env = "LOG_LEVEL", default_value = "info,kube_leader_election=warn")]
+    pub log_level: String,
+
+    /// How long in-flight reconciles may take to finish on SIGTERM before the lease is released.
+    #[arg(long, env = "SHUTDOWN_TIMEOUT", default_value = "20s", value_parser = humantime::parse_duration)]
+    pub shutdown_timeout: Duration,
+}
+
+/// Timing and identity of the leader election.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ElectionConfig {
+    pub lease_name: String,
+    /// Resolved at start-up when not given.
+    pub lease_namespace: Option<String>,
+    pub identity: String,
+    pub lease_duration: Duration,
+    pub renew_deadline: Duration,
+    pub retry_period: Duration,
+    pub reenter_on_loss: bool,
+}
+
+/// The validated configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub kubeconfig: Option<PathBuf>,
+    /// `None` when leader election is off: this replica reconciles at once.
+    pub election: Option<ElectionConfig>,
+    pub controllers: reconcilers::Settings,
+    pub metrics_address: Option<SocketAddr>,
+    pub probe_address: Option<SocketAddr>,
+    pub log_format: LogFormat,
+    pub log_level: String,
+    pub shutdown_timeout: Duration,
+}
+
+/// A configuration that cannot work, with the reason.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The election timings contradict each other.
+    #[error("invalid leader election timing: {0}")]
+    Timing(String),
+    /// A bind address is not `0`, `:PORT` or `HOST:PORT`.
+    #[error("invalid {flag} {value:?}: expected `0` (disabled), `:PORT` or `HOST:PORT`")]
+    Address { flag: &'static str, value: String },
+    /// No controller selected.
+    #[error("--controllers selects no controller")]
+    NoControllers,
+}
+
+/// Parses a Go-style bind address: `0` disables, `:8080` listens on every interface.
+pub fn parse_bind_address(flag: &'static str, value: &str) -> Result<Option<SocketAddr>, ConfigError> {
+    let invalid = || ConfigError::Address { flag, value: value.to_owned() };
+    match value.trim() {
+        "0" | "" => Ok(None),
+        port if port.starts_with(':') => {
+            port[1..].parse::<u16>().map(|p| Some(SocketAddr::from(([0, 0, 0, 0], p)))).map_err(|_| invalid())
+        }
+        address => address.parse::<SocketAddr>().map(Some).map_err(|_| invalid()),
+    }
+}
+
+/// Checks the client-go rules: lease duration > renew deadline > 1.2 × retry period
+/// (the jitter factor of acquisition retries), so a leader always stops before anyone may take over.
+pub fn validate_timing(
+    lease_duration: Duration,
+    renew_deadline: Duration,
+    retry_period: Duration,
+) -> Result<(), ConfigError> {
+    let show = |d: Duration| humantime::format_duration(d).to_string();
+    if retry_period.is_zero() {
+        return Err(ConfigError::Timing("--retry-period must be greater than zero".into()));
+    }
+    if lease_duration <= renew_deadline {
+        return Err(ConfigError::Timing(format!(
+            "--lease-duration ({}) must be greater than --renew-deadline ({})",
+            show(lease_duration),
+            show(renew_deadline)
+        )));
+    }
+    if renew_deadline <= retry_period.mul_f64(1.2) {
+        return Err(ConfigError::Timing(format!(
+            "--renew-deadline ({}) must be greater than 1.2 × --retry-period ({})",
+            show(renew_deadline),
+            show(retry_period)
+        )));
+    }
+    Ok(())
+}
+
+/// This replica's default identity: the hostname plus a random suffix, as client-go does.
+fn default_identity() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "example-operator".to_owned());
+    format!("{host}_{:08x}", rand::random::<u32>())
+}
+
+impl Cli {
+    /// Validates the command line into a [`Config`].
+    pub fn validate(self) -> Result<Config, ConfigError> {
+        let controllers: BTreeSet<ControllerKind> = self.controllers.into_iter().collect();
+        if controllers.is_empty() {
+            return Err(ConfigError::NoControllers);
+        }
+        let election = if self.leader_elect {
+            validate_timing(self.lease_duration, self.renew_deadline, self.retry_period)?;
+            Some(ElectionConfig {
+                lease_name: self.leader_election_id,
+                lease_namespace: self.leader_election_namespace.filter(|ns| !ns.is_empty()),
+                identity: self.identity.filter(|id| !id.is_empty()).unwrap_or_else(default_identity),
+                lease_duration: self.lease_duration,
+                renew_deadline: self.renew_deadline,
+                retry_period: self.retry_period,
+                reenter_on_loss: self.reenter_election_on_loss,
+            })
+        } else {
+            None
+        };
+        Ok(Config {
+            kubeconfig: self.kubeconfig,
+            controllers: reconcilers::Settings {
+                controllers,
+                my_resource_concurrency: self.myresource_concurrency,
+                message_broadcast_concurrency: self.messagebroadcast_concurrency,
+                instance: election.as_ref().map(|e| e.identity.clone()),
+                watch_namespace: self.watch_namespace.filter(|ns| !ns.is_empty()),
+            },
+            metrics_address: parse_bind_address("--metrics-bind-address", &self.metrics_bind_address)?,
+            probe_address: parse_bind_address("--health-probe-bind-address", &self.health_probe_bind_address)?,
+            election,
+            log_format: self.log_format,
+            log_level: self.log_level,
+            shutdown_timeout: self.shutdown_timeout,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, String> {
+        let cli = Cli::try_parse_from(std::iter::once("example-operator").chain(args.iter().copied()))
+            .map_err(|e| e.to_string())?;
+        cli.validate().map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn defaults_match_client_go_and_kubebuilder() -> Result<(), String> {
+        let config = parse(&["--identity", "pod-0"])?;
+        let election = config.election.ok_or("election on by default")?;
+        assert_eq!(election.lease_duration, Duration::from_secs(15));
+        assert_eq!(election.renew_deadline, Duration::from_secs(10));
+        assert_eq!(election.retry_period, Duration::from_secs(2));
+        assert_eq!(election.identity, "pod-0");
+        assert!(!election.reenter_on_loss);
+        assert_eq!(config.metrics_address, Some(SocketAddr::from(([0, 0, 0, 0], 8080))));
+        assert_eq!(config.probe_address, Some(SocketAddr::from(([0, 0, 0, 0], 8081))));
+        assert_eq!(config.controllers.controllers.len(), 2);
+        Ok(())
+    }
+
+    #[test]
+    fn contradictory_timings_are_rejected_with_the_rule() {
+        let error = parse(&["--lease-duration", "10s", "--renew-deadline", "10s"]).err().unwrap_or_default();
+        assert!(error.contains("--lease-duration (10s) must be greater than --renew-deadline (10s)"), "{error}");
+        let error = parse(&["--renew-deadline", "2s", "--retry-period", "2s"]).err().unwrap_or_default();
+        assert!(error.contains("1.2 × --retry-period"), "{error}");
+        assert!(parse(&["--leader-elect=false", "--renew-deadline", "20s"]).is_ok(), "timings unused without election");
+    }
+
+    #[test]
+    fn bind_addresses_follow_the_go_conventions() {
+        assert_eq!(parse_bind_address("f", "0").ok(), Some(None));
+        assert_eq!(parse_bind_address("f", ":9090").ok(), Some(Some(SocketAddr::from(([0, 0, 0, 0], 9090)))));
+        assert_eq!(parse_bind_address("f", "127.0.0.1:1").ok(), Some(Some(SocketAddr::from(([127, 0, 0, 1], 1)))));
+        assert!(parse_bind_address("f", "localhost").is_err());
+        assert!(parse_bind_address("f", ":http").is_err());
+    }
+
+    #[test]
+    fn unknown_controllers_and_bad_durations_are_rejected() {
+        let error = parse(&["--controllers", "myresource,nope"]).err().unwrap_or_default();
+        assert!(error.contains("unknown controller \"nope\""), "{error}");
+        let error = parse(&["--lease-duration", "soon"]).err().unwrap_or_default();
+        assert!(error.contains("--lease-duration"), "{error}");
+        let config = parse(&["--controllers", "messagebroadcast", "--leader-elect=false"]);
+        assert_eq!(config.map(|c| c.controllers.controllers.len()).ok(), Some(1));
+    }
+}

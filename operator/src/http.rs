@@ -1,0 +1,121 @@
+//! The operator's HTTP endpoints over axum: `/metrics` in the Prometheus text format, and the
+//! `/healthz` and `/readyz` probes with named checks in the Kubernetes style
+//! (`[+]ping ok` lines with `?verbose`). Serves only reads; never touches the cluster.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use prometheus::{Encoder, Registry, TextEncoder};
+use tokio_util::sync::CancellationToken;
+
+use crate::health::{CheckResult, Health};
+
+/// Routes for `/metrics`.
+pub fn metrics_router(registry: Registry) -> Router {
+    Router::new().route("/metrics", get(metrics)).with_state(registry)
+}
+
+/// Routes for `/healthz` and `/readyz`.
+pub fn probe_router(health: Arc<Health>) -> Router {
+    Router::new().route("/healthz", get(healthz)).route("/readyz", get(readyz)).with_state(health)
+}
+
+async fn metrics(State(registry): State<Registry>) -> Response {
+    let encoder = TextEncoder::new();
+    let mut body = Vec::new();
+    match encoder.encode(&registry.gather(), &mut body) {
+        Ok(()) => ([(header::CONTENT_TYPE, encoder.format_type().to_owned())], body).into_response(),
+        Err(error) => {
+            (StatusCode::INTERNAL_SERVER_ERROR, format!("encoding metrics failed: {error}\n")).into_response()
+        }
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct ProbeQuery {
+    verbose: Option<String>,
+}
+
+async fn healthz(State(health): State<Arc<Health>>, Query(query): Query<ProbeQuery>) -> Response {
+    probe_response("healthz", &health.liveness(), query.verbose.is_some())
+}
+
+async fn readyz(State(health): State<Arc<Health>>, Query(query): Query<ProbeQuery>) -> Response {
+    probe_response("readyz", &health.readiness(), query.verbose.is_some())
+}
+
+/// Renders checks as the Kubernetes API server does: `ok` when all pass (every check listed with
+/// `?verbose`), and every check listed with 500 when any fails.
+pub fn probe_body(probe: &str, checks: &[CheckResult], verbose: bool) -> (StatusCode, String) {
+    let failed = checks.iter().any(|c| c.failure.is_some());
+    if !failed && !verbose {
+        return (StatusCode::OK, "ok".to_owned());
+    }
+    let mut body = String::new();
+    for check in checks {
+        match &check.failure {
+            None => body.push_str(&format!("[+]{} ok\n", check.name)),
+            Some(reason) => body.push_str(&format!("[-]{} failed: {reason}\n", check.name)),
+        }
+    }
+    if failed {
+        body.push_str(&format!("{probe} check failed\n"));
+        (StatusCode::INTERNAL_SERVER_ERROR, body)
+    } else {
+        body.push_str(&format!("{probe} check passed\n"));
+        (StatusCode::OK, body)
+    }
+}
+
+fn probe_response(probe: &str, checks: &[CheckResult], verbose: bool) -> Response {
+    let (code, body) = probe_body(probe, checks, verbose);
+    (code, [(header::CONTENT_TYPE, "text/plain; charset=utf-8")], body).into_response()
+}
+
+/// Binds `address` now (so a taken port fails start-up) and serves `router` until `shutdown`.
+pub async fn serve(
+    address: SocketAddr,
+    router: Router,
+    shutdown: CancellationToken,
+) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    let listener = tokio::net::TcpListener::bind(address).await?;
+    tracing::info!(address = %listener.local_addr()?, "serving HTTP");
+    Ok(tokio::spawn(async move {
+        let served =
+            axum::serve(listener, router).with_graceful_shutdown(async move { shutdown.cancelled().await }).await;
+        if let Err(error) = served {
+            tracing::error!(%error, "HTTP server failed");
+        }
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(name: &'static str, failure: Option<&str>) -> CheckResult {
+        CheckResult { name, failure: failure.map(str::to_owned) }
+    }
+
+    #[test]
+    fn passing_probes_say_ok_or_list_checks_when_verbose() {
+        let checks = [check("ping", None), check("leader-election", None)];
+        assert_eq!(probe_body("readyz", &checks, false), (StatusCode::OK, "ok".to_owned()));
+        let (code, body) = probe_body("readyz", &checks, true);
+        assert_eq!(code, StatusCode::OK);
+        assert_eq!(body, "[+]ping ok\n[+]leader-election ok\nreadyz check passed\n");
+    }
+
+    #[test]
+    fn a_failing_check_is_named_with_500() {
+        let checks = [check("ping", None), check("leader-election", Some("election loop silent for 40s"))];
+        let (code, body) = probe_body("healthz", &checks, false);
+        assert_eq!(code, StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(body, "[+]ping ok\n[-]leader-election failed: election loop silent for 40s\nhealthz check failed\n");
+    }
+}
