@@ -35,8 +35,13 @@ enum Command {
         #[command(subcommand)]
         action: ClusterAction,
     },
-    /// Bring up the local control plane (or use the cluster in KUBECONFIG) and install the CRDs.
-    Demo,
+    /// The main job: local control plane (or the cluster in KUBECONFIG), CRDs, two operator
+    /// replicas with leader election, the samples converging; runs until Ctrl-C.
+    Demo {
+        /// Exit (cleaning up) once the samples converged instead of waiting for Ctrl-C.
+        #[arg(long)]
+        once: bool,
+    },
     /// Run every test: unit tests and end-to-end tests against the local control plane.
     /// Reuses a running local control plane, or starts one and stops it afterwards.
     Test {
@@ -92,7 +97,7 @@ fn main() -> Result<()> {
                 Ok(())
             }
         },
-        Command::Demo => demo::run(&root),
+        Command::Demo { once } => demo::run(&root, once),
         Command::Test { cargo_test_args } => test::run(&root, &cargo_test_args),
     }
 }

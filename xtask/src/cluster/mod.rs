@@ -242,7 +242,12 @@ fn etcd_healthy(port: u16) -> bool {
 
 /// A client for the administrator identity of a cluster.
 pub async fn admin_client(state: &ClusterState) -> Result<kube::Client> {
-    let kubeconfig = kube::config::Kubeconfig::read_from(&state.admin_kubeconfig)?;
+    client_for(&state.admin_kubeconfig).await
+}
+
+/// A client for the identity in `kubeconfig`.
+pub async fn client_for(kubeconfig: &Path) -> Result<kube::Client> {
+    let kubeconfig = kube::config::Kubeconfig::read_from(kubeconfig)?;
     let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?;
     Ok(kube::Client::try_from(config)?)
 }
