@@ -90,7 +90,7 @@ pub fn run(root: &Path, once: bool) -> Result<()> {
         let namespace = kubectl(&kubeconfig, &["create", "namespace", SYSTEM_NAMESPACE, "--dry-run=client", "-o", "yaml"])?;
         apply_stdin(&kubeconfig, &namespace)?;
 
-        let binary = build_operator(root)?;
+        let binary = crate::build_operator(root)?;
         let log_dir = root.join("target/demo");
         std::fs::create_dir_all(&log_dir)?;
         let replicas = vec![Replica::start(&binary, &kubeconfig, 0, &log_dir)?, Replica::start(&binary, &kubeconfig, 1, &log_dir)?];
@@ -126,20 +126,6 @@ fn apply_stdin(kubeconfig: &Path, manifest: &str) -> Result<()> {
         bail!("kubectl apply failed");
     }
     Ok(())
-}
-
-fn build_operator(root: &Path) -> Result<PathBuf> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
-    let status = Command::new(cargo)
-        .current_dir(root)
-        .args(["build", "--package", "operator", "--bin", "example-operator"])
-        .status()
-        .context("building the operator")?;
-    if !status.success() {
-        bail!("building the operator failed ({status})");
-    }
-    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target"));
-    Ok(target.join("debug/example-operator"))
 }
 
 /// Applies the samples, waits until they converge, and prints what `kubectl` shows.

@@ -67,6 +67,21 @@ enum ClusterAction {
     Start { component: String },
 }
 
+/// Builds the operator binary and returns its path. Builds every target of the workspace, as
+/// `cargo test --workspace` does, so both share one feature resolution and nothing is compiled
+/// twice.
+fn build_operator(root: &std::path::Path) -> Result<PathBuf> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    let status = std::process::Command::new(cargo)
+        .current_dir(root)
+        .args(["build", "--workspace", "--all-targets"])
+        .status()
+        .context("running cargo build")?;
+    anyhow::ensure!(status.success(), "building the operator failed ({status})");
+    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target"));
+    Ok(target.join("debug/example-operator"))
+}
+
 /// The workspace root: the parent of this crate's folder.
 fn workspace_root() -> Result<PathBuf> {
     let manifest_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));

@@ -15,17 +15,7 @@ pub fn run(root: &Path, cargo_test_args: &[String]) -> Result<()> {
     // The end-to-end tests run the operator binary as separate processes, and use this very
     // xtask to stop and start control-plane components.
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
-    let built = Command::new(&cargo)
-        .current_dir(root)
-        .args(["build", "--package", "operator", "--bin", "example-operator"])
-        .status()
-        .context("building the operator binary")?;
-    if !built.success() {
-        bail!("building the operator binary failed ({built})");
-    }
-    let target_dir =
-        std::env::var_os("CARGO_TARGET_DIR").map(std::path::PathBuf::from).unwrap_or_else(|| root.join("target"));
-    let operator_binary = target_dir.join("debug/example-operator");
+    let operator_binary = crate::build_operator(root)?;
     let xtask_binary = std::env::current_exe().context("locating the xtask binary")?;
     let status = Command::new(&cargo)
         .current_dir(root)
@@ -42,6 +32,8 @@ pub fn run(root: &Path, cargo_test_args: &[String]) -> Result<()> {
         .env("RUST_LIB_BACKTRACE", "0")
         .status()
         .context("running cargo test")?;
+    // Tests may stop and start components (new PIDs): judge the cluster as recorded now.
+    let state = cluster::ClusterState::load(root)?.unwrap_or(state);
     let crashed = state.crashed();
     if started {
         state.stop(root)?;
