@@ -21,6 +21,8 @@ pub const CLUSTER_DIR_ENV: &str = "EXAMPLE_OPERATOR_CLUSTER_DIR";
 /// The local control plane the tests run against.
 #[derive(Clone, Debug)]
 pub struct TestCluster {
+    /// Folder of the running control plane (certificates, kubeconfigs, logs).
+    pub dir: PathBuf,
     /// Kubeconfig of the administrator (system:masters).
     pub admin_kubeconfig: PathBuf,
     /// Kubeconfig of the restricted user `example-operator`, with no rights until RBAC grants them.
@@ -40,6 +42,7 @@ impl TestCluster {
             )
         })?;
         let cluster = Self {
+            dir: dir.clone(),
             admin_kubeconfig: dir.join("admin.kubeconfig"),
             restricted_kubeconfig: dir.join("restricted.kubeconfig"),
         };
@@ -51,6 +54,26 @@ impl TestCluster {
             );
         }
         Ok(cluster)
+    }
+
+    /// Writes a kubeconfig that authenticates with a bearer `token` (e.g. a ServiceAccount token
+    /// from the TokenRequest API) and returns its path.
+    pub async fn kubeconfig_with_token(&self, name: &str, token: &str) -> Result<PathBuf> {
+        let admin = Config::from_custom_kubeconfig(
+            kube::config::Kubeconfig::read_from(&self.admin_kubeconfig)?,
+            &Default::default(),
+        )
+        .await?;
+        let config = serde_json::json!({
+            "apiVersion": "v1", "kind": "Config",
+            "clusters": [{"name": "local", "cluster": {"server": admin.cluster_url.to_string(), "certificate-authority": self.dir.join("pki/ca.crt")}}],
+            "users": [{"name": name, "user": {"token": token}}],
+            "contexts": [{"name": name, "context": {"cluster": "local", "user": name}}],
+            "current-context": name,
+        });
+        let path = std::env::temp_dir().join(format!("{name}-{:06x}.kubeconfig", rand::random::<u32>() & 0xff_ffff));
+        std::fs::write(&path, serde_yaml::to_string(&config)?)?;
+        Ok(path)
     }
 
     /// A client acting as the cluster administrator.
@@ -96,7 +119,7 @@ pub async fn client_for(kubeconfig: &Path) -> Result<Client> {
 
 /// The generated CRD files in the chart, as a user would `kubectl apply -f` them.
 pub fn crd_files() -> Result<Vec<PathBuf>> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/example-operator/crds");
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/example-operator/files/crds");
     let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
         .with_context(|| format!("reading {}", dir.display()))?
         .filter_map(|entry| entry.ok().map(|e| e.path()))
@@ -313,6 +336,20 @@ impl OperatorProcess {
         extra: &[&str],
         env: &[(&str, &str)],
     ) -> Result<Self> {
+        let mut args = vec!["--watch-namespace", namespace];
+        args.extend_from_slice(extra);
+        Self::spawn_cluster_wide(kubeconfig, identity, lease, namespace, &args, env)
+    }
+
+    /// Like [`OperatorProcess::spawn`], but managing the whole cluster.
+    pub fn spawn_cluster_wide(
+        kubeconfig: &Path,
+        identity: &str,
+        lease: &str,
+        namespace: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Self> {
         let metrics_port = free_port()?;
         let probe_port = free_port()?;
         let log = std::env::temp_dir()
@@ -322,7 +359,6 @@ impl OperatorProcess {
             .arg("--kubeconfig")
             .arg(kubeconfig)
             .args(["--identity", identity, "--leader-election-id", lease, "--leader-election-namespace", namespace])
-            .args(["--watch-namespace", namespace])
             .args(["--metrics-bind-address", &format!("127.0.0.1:{metrics_port}")])
             .args(["--health-probe-bind-address", &format!("127.0.0.1:{probe_port}")])
             .args(extra)
@@ -369,6 +405,12 @@ impl OperatorProcess {
     pub async fn wait(&mut self, timeout: Duration) -> Result<Option<i32>> {
         let status = tokio::time::timeout(timeout, self.child.wait()).await.context("the replica did not exit")??;
         Ok(status.code())
+    }
+
+    /// SIGTERM and wait for the exit: a leader releases its lease on the way out.
+    pub async fn stop(mut self) -> Result<Option<i32>> {
+        self.signal(nix::sys::signal::Signal::SIGTERM)?;
+        self.wait(Duration::from_secs(30)).await
     }
 
     /// The replica's log so far, for failure messages.

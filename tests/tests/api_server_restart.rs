@@ -19,7 +19,8 @@ async fn the_operator_survives_an_api_server_restart_and_converges_afterwards() 
     let ns = namespace.name.clone();
     let timing = ["--lease-duration", "30s", "--renew-deadline", "20s", "--retry-period", "1s"];
     let args: Vec<&str> = timing.iter().copied().chain(["--reenter-election-on-loss=true"]).collect();
-    let mut operator = OperatorProcess::spawn(&cluster.admin_kubeconfig, "survivor", "restart-leader", &ns, &args, &[])?;
+    let mut operator =
+        OperatorProcess::spawn(&cluster.admin_kubeconfig, "survivor", "restart-leader", &ns, &args, &[])?;
     eventually(Duration::from_secs(30), "the replica to lead", || async {
         Ok((operator.master_status("restart-leader").await? == 1.0).then_some(()))
     })
@@ -36,7 +37,11 @@ async fn the_operator_survives_an_api_server_restart_and_converges_afterwards() 
     cluster_component("stop", "kube-apiserver")?;
     // The outage itself is what is being tested: keep the API server away for a while.
     tokio::time::sleep(Duration::from_secs(5)).await;
-    ensure!(operator.wait(Duration::from_millis(10)).await.is_err(), "the operator exited during the outage:\n{}", operator.log_text());
+    ensure!(
+        operator.wait(Duration::from_millis(10)).await.is_err(),
+        "the operator exited during the outage:\n{}",
+        operator.log_text()
+    );
     cluster_component("start", "kube-apiserver")?;
 
     // Watches resume: a deleted ConfigMap is restored and a new resource converges.

@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use crd_types::{MyResource, MyResourceSpec, Phase};
-use e2e_tests::{OperatorProcess, TEST_LEASE, TestCluster, TestNamespace, eventually, free_port, http_get, install_crds};
+use e2e_tests::{
+    OperatorProcess, TEST_LEASE, TestCluster, TestNamespace, eventually, free_port, http_get, install_crds,
+};
 use kube::api::{Api, PostParams};
 
 fn tool(name: &str) -> Result<std::path::PathBuf> {
@@ -24,9 +26,12 @@ async fn metrics_pass_promtool_and_a_real_prometheus_scrapes_them() -> Result<()
     install_crds(&client).await?;
     let namespace = TestNamespace::create(&client, "prometheus").await?;
     let ns = namespace.name.clone();
-    let operator = OperatorProcess::spawn(&cluster.admin_kubeconfig, "scraped", "scraped-leader", &ns, &TEST_LEASE, &[])?;
+    let operator =
+        OperatorProcess::spawn(&cluster.admin_kubeconfig, "scraped", "scraped-leader", &ns, &TEST_LEASE, &[])?;
     let resources: Api<MyResource> = Api::namespaced(client.clone(), &ns);
-    resources.create(&PostParams::default(), &MyResource::new("measured", MyResourceSpec { message: "count me".into() })).await?;
+    resources
+        .create(&PostParams::default(), &MyResource::new("measured", MyResourceSpec { message: "count me".into() }))
+        .await?;
     eventually(Duration::from_secs(30), "the resource to be Ready", || async {
         Ok((resources.get("measured").await?.status.and_then(|s| s.phase) == Some(Phase::Ready)).then_some(()))
     })
@@ -66,7 +71,8 @@ async fn metrics_pass_promtool_and_a_real_prometheus_scrapes_them() -> Result<()
     );
 
     // A real Prometheus scraping the operator every second.
-    let dir = std::env::temp_dir().join(format!("example-operator-prometheus-{:06x}", rand::random::<u32>() & 0xff_ffff));
+    let dir =
+        std::env::temp_dir().join(format!("example-operator-prometheus-{:06x}", rand::random::<u32>() & 0xff_ffff));
     std::fs::create_dir_all(&dir)?;
     let config = format!(
         "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: example-operator\n    static_configs:\n      - targets: ['127.0.0.1:{}']\n",

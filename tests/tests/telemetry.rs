@@ -49,7 +49,8 @@ async fn receive(State(received): State<Received>, body: Bytes) -> axum::http::S
             .map(|kv| string_value(kv.value.as_ref()))
             .unwrap_or_default();
         for span in resource_spans.scope_spans.into_iter().flat_map(|s| s.spans) {
-            let attributes = span.attributes.iter().map(|kv| (kv.key.clone(), string_value(kv.value.as_ref()))).collect();
+            let attributes =
+                span.attributes.iter().map(|kv| (kv.key.clone(), string_value(kv.value.as_ref()))).collect();
             spans.push(ReceivedSpan { service: service.clone(), name: span.name, trace_id: span.trace_id, attributes });
         }
     }
@@ -75,22 +76,28 @@ async fn reconcile_spans_are_exported_over_otlp_when_configured() -> Result<()> 
         ("OTEL_SERVICE_NAME", "example-operator-e2e"),
         ("OTEL_BSP_SCHEDULE_DELAY", "200"),
     ];
-    let _operator = OperatorProcess::spawn(&cluster.admin_kubeconfig, "traced", "traced-leader", &ns, &TEST_LEASE, &env)?;
+    let _operator =
+        OperatorProcess::spawn(&cluster.admin_kubeconfig, "traced", "traced-leader", &ns, &TEST_LEASE, &env)?;
     let resources: Api<MyResource> = Api::namespaced(client.clone(), &ns);
-    resources.create(&PostParams::default(), &MyResource::new("traced", MyResourceSpec { message: "follow me".into() })).await?;
+    resources
+        .create(&PostParams::default(), &MyResource::new("traced", MyResourceSpec { message: "follow me".into() }))
+        .await?;
 
     let span = eventually(Duration::from_secs(60), "a reconcile span for the resource", || async {
         let spans = received.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone();
-        Ok(spans.into_iter().find(|s| {
-            s.name == "reconcile" && s.attributes.iter().any(|(k, v)| k == "object" && v.contains("traced"))
-        }))
+        Ok(spans
+            .into_iter()
+            .find(|s| s.name == "reconcile" && s.attributes.iter().any(|(k, v)| k == "object" && v.contains("traced"))))
     })
     .await?;
     ensure!(span.service == "example-operator-e2e", "{span:?}");
     ensure!(span.attributes.iter().any(|(k, v)| k == "controller" && v == "myresource"), "{span:?}");
     ensure!(span.trace_id.len() == 16 && span.trace_id.iter().any(|b| *b != 0), "a real trace id: {span:?}");
     let trace_hex: String = span.trace_id.iter().map(|b| format!("{b:02x}")).collect();
-    ensure!(span.attributes.iter().any(|(k, v)| k == "trace_id" && *v == trace_hex), "the span carries its trace id: {span:?}");
+    ensure!(
+        span.attributes.iter().any(|(k, v)| k == "trace_id" && *v == trace_hex),
+        "the span carries its trace id: {span:?}"
+    );
     receiver.abort();
     namespace.delete().await
 }

@@ -21,7 +21,8 @@ const SYSTEM_NAMESPACE: &str = "example-operator-system";
 const LEASE: &str = "example-operator-leader";
 
 fn kubectl(kubeconfig: &Path, args: &[&str]) -> Result<String> {
-    let output = Command::new("kubectl").arg("--kubeconfig").arg(kubeconfig).args(args).output().context("running kubectl")?;
+    let output =
+        Command::new("kubectl").arg("--kubeconfig").arg(kubeconfig).args(args).output().context("running kubectl")?;
     if !output.status.success() {
         bail!("kubectl {} failed: {}", args.join(" "), String::from_utf8_lossy(&output.stderr));
     }
@@ -85,15 +86,28 @@ pub fn run(root: &Path, once: bool) -> Result<()> {
     let result = (|| -> Result<()> {
         let crds = crdgen::crd_dir(root);
         kubectl(&kubeconfig, &["apply", "--server-side", "-f", &crds.display().to_string()])?;
-        kubectl(&kubeconfig, &["wait", "--for=condition=Established", "--timeout=60s", "crd/myresources.example.com", "crd/messagebroadcasts.example.com"])?;
+        kubectl(
+            &kubeconfig,
+            &[
+                "wait",
+                "--for=condition=Established",
+                "--timeout=60s",
+                "crd/myresources.example.com",
+                "crd/messagebroadcasts.example.com",
+            ],
+        )?;
         eprintln!("CRDs installed");
-        let namespace = kubectl(&kubeconfig, &["create", "namespace", SYSTEM_NAMESPACE, "--dry-run=client", "-o", "yaml"])?;
+        let namespace =
+            kubectl(&kubeconfig, &["create", "namespace", SYSTEM_NAMESPACE, "--dry-run=client", "-o", "yaml"])?;
         apply_stdin(&kubeconfig, &namespace)?;
 
         let binary = crate::build_operator(root)?;
         let log_dir = root.join("target/demo");
         std::fs::create_dir_all(&log_dir)?;
-        let replicas = vec![Replica::start(&binary, &kubeconfig, 0, &log_dir)?, Replica::start(&binary, &kubeconfig, 1, &log_dir)?];
+        let replicas = vec![
+            Replica::start(&binary, &kubeconfig, 0, &log_dir)?,
+            Replica::start(&binary, &kubeconfig, 1, &log_dir)?,
+        ];
         let shown = runtime.block_on(show_convergence(root, &kubeconfig));
         if shown.is_ok() && !once {
             eprintln!("\nrunning; replica logs are in {}. Press Ctrl-C to stop.", log_dir.display());
@@ -139,10 +153,13 @@ async fn show_convergence(root: &Path, kubeconfig: &Path) -> Result<()> {
     let broadcasts: Api<MessageBroadcast> = Api::all(client);
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let leader = leases.get_opt(LEASE).await?.and_then(|l| l.spec).and_then(|s| s.holder_identity).filter(|h| !h.is_empty());
-        let resource_ready = resources.get_opt("example").await?.and_then(|r| r.status).and_then(|s| s.phase) == Some(Phase::Ready);
+        let leader =
+            leases.get_opt(LEASE).await?.and_then(|l| l.spec).and_then(|s| s.holder_identity).filter(|h| !h.is_empty());
+        let resource_ready =
+            resources.get_opt("example").await?.and_then(|r| r.status).and_then(|s| s.phase) == Some(Phase::Ready);
         let broadcast = broadcasts.get_opt("greeting").await?.and_then(|b| b.status);
-        let broadcast_ready = broadcast.is_some_and(|s| s.ready_namespaces >= 2 && s.ready_namespaces == s.matched_namespaces);
+        let broadcast_ready =
+            broadcast.is_some_and(|s| s.ready_namespaces >= 2 && s.ready_namespaces == s.matched_namespaces);
         if let (Some(leader), true, true) = (&leader, resource_ready, broadcast_ready) {
             println!("\nleader: {leader}\n");
             break;
