@@ -3,8 +3,10 @@
 //! - `crdgen [--check]`: CRD YAML from the Rust types.
 //! - `cluster up | down | status | env`: the local control plane of real Kubernetes binaries.
 //! - `demo`: the main job: control plane, CRDs, operator, samples.
+//! - `bench`: the benchmarks, as ratios measured in one run.
 //! - `test`: every test, end-to-end ones included, against that control plane.
 
+mod bench;
 mod cluster;
 mod crdgen;
 mod demo;
@@ -41,6 +43,13 @@ enum Command {
         /// Exit (cleaning up) once the samples converged instead of waiting for Ctrl-C.
         #[arg(long)]
         once: bool,
+    },
+    /// Run the benchmarks against the local control plane; prints a table and writes
+    /// target/bench/results.json.
+    Bench {
+        /// MyResources to converge (SPEC: 1,000 by default, 10,000 for the large run).
+        #[arg(long, default_value_t = 1000)]
+        objects: usize,
     },
     /// Run every test: unit tests and end-to-end tests against the local control plane.
     /// Reuses a running local control plane, or starts one and stops it afterwards.
@@ -113,6 +122,7 @@ fn main() -> Result<()> {
             }
         },
         Command::Demo { once } => demo::run(&root, once),
+        Command::Bench { objects } => bench::run(&root, objects),
         Command::Test { cargo_test_args } => test::run(&root, &cargo_test_args),
     }
 }

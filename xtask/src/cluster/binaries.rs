@@ -9,7 +9,7 @@ use anyhow::{Context, Result, bail};
 
 /// A Go wrapper module and the binaries built from it.
 struct GoModule {
-    /// Folder under `xtask/go/`.
+    /// Folder relative to `xtask/go/`.
     dir: &'static str,
     /// The pinned module whose version names the build.
     pinned: &'static str,
@@ -28,6 +28,13 @@ const KUBERNETES: GoModule = GoModule {
 
 const ETCD: GoModule =
     GoModule { dir: "etcd", pinned: "go.etcd.io/etcd/server/v3", binaries: &[("etcd", "go.etcd.io/etcd/server/v3")] };
+
+/// The controller-runtime peer of the benchmarks (`xtask/bench/peer`).
+const PEER: GoModule = GoModule {
+    dir: "../bench/peer",
+    pinned: "sigs.k8s.io/controller-runtime",
+    binaries: &[("peer", "example-operator/bench/peer")],
+};
 
 const HELM: GoModule =
     GoModule { dir: "helm", pinned: "helm.sh/helm/v3", binaries: &[("helm", "helm.sh/helm/v3/cmd/helm")] };
@@ -82,6 +89,13 @@ pub fn ensure(root: &Path) -> Result<Binaries> {
         helm: helm.0.join("helm"),
         kubernetes_version: kubernetes.1,
     })
+}
+
+/// Returns the cached controller-runtime peer binary, building it if missing.
+pub fn ensure_peer(root: &Path) -> Result<PathBuf> {
+    let (dir, _) =
+        build_module(&root.join("xtask/go"), &cache_dir()?.join("bin"), &PEER, |_, _| Ok(String::from("-s -w")))?;
+    Ok(dir.join("peer"))
 }
 
 /// The version of `module` that a wrapper's go.mod requires.
@@ -144,7 +158,8 @@ fn build_module(
     let version = required_version(&go_mod, module.pinned)
         .with_context(|| format!("{}/go.mod does not require {}", module_dir.display(), module.pinned))?;
     let flags = ldflags(&go_mod, &version)?;
-    let target = cache.join(format!("{}-{version}-{}", module.dir, fingerprint(&[&go_mod, &go_sum, &flags])));
+    let name = module.dir.rsplit('/').next().unwrap_or(module.dir);
+    let target = cache.join(format!("{name}-{version}-{}", fingerprint(&[&go_mod, &go_sum, &flags])));
     if module.binaries.iter().all(|(name, _)| target.join(name).is_file()) {
         return Ok((target, version));
     }
