@@ -254,11 +254,12 @@ impl RunningControllers {
     }
 }
 
-/// Stops or starts a control-plane component through `cargo xtask cluster stop|start`.
+/// Runs `cargo xtask cluster ACTION [COMPONENT]` (stop, start, compact) for fault injection.
 pub fn cluster_component(action: &str, component: &str) -> Result<()> {
     let xtask = std::env::var_os("EXAMPLE_OPERATOR_XTASK")
         .context("EXAMPLE_OPERATOR_XTASK is not set: run the tests with `cargo xtask test`")?;
-    let output = Command::new(xtask).args(["cluster", action, component]).output()?;
+    let args: Vec<&str> = ["cluster", action, component].into_iter().filter(|a| !a.is_empty()).collect();
+    let output = Command::new(xtask).args(args).output()?;
     if !output.status.success() {
         bail!("cluster {action} {component} failed: {}", String::from_utf8_lossy(&output.stderr));
     }

@@ -80,8 +80,7 @@ pub fn run(root: &Path, objects: usize) -> Result<()> {
     }
     let results = outcome?;
     print_table(&results);
-    let dir =
-        std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target")).join("bench");
+    let dir = crate::target_dir(root).join("bench");
     std::fs::create_dir_all(&dir)?;
     let path = dir.join("results.json");
     std::fs::write(&path, serde_json::to_string_pretty(&results)?)?;
@@ -96,8 +95,7 @@ fn build_release_operator(root: &Path) -> Result<PathBuf> {
         .args(["build", "--release", "--package", "operator", "--bin", "example-operator"])
         .status()?;
     anyhow::ensure!(status.success(), "building the release operator failed ({status})");
-    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target"));
-    Ok(target.join("release/example-operator"))
+    Ok(crate::target_dir(root).join("release/example-operator"))
 }
 
 fn install_crds(root: &Path, kubeconfig: &Path) -> Result<()> {

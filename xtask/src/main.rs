@@ -54,6 +54,9 @@ enum Command {
     /// Run every test: unit tests and end-to-end tests against the local control plane.
     /// Reuses a running local control plane, or starts one and stops it afterwards.
     Test {
+        /// Run the fault-injection tests at full size (2,000 objects instead of 100).
+        #[arg(long)]
+        long: bool,
         /// Arguments passed to `cargo test` (e.g. `-p e2e-tests -- crd`).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         cargo_test_args: Vec<String>,
@@ -74,6 +77,9 @@ enum ClusterAction {
     Stop { component: String },
     /// Start a stopped component again with its recorded arguments and wait until it serves.
     Start { component: String },
+    /// Compact etcd's history to its current revision (watches resuming from older
+    /// resourceVersions then get 410 Gone).
+    Compact,
 }
 
 /// Builds the operator binary and returns its path. Builds every target of the workspace, as
@@ -87,8 +93,12 @@ fn build_operator(root: &std::path::Path) -> Result<PathBuf> {
         .status()
         .context("running cargo build")?;
     anyhow::ensure!(status.success(), "building the operator failed ({status})");
-    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target"));
-    Ok(target.join("debug/example-operator"))
+    Ok(target_dir(root).join("debug/example-operator"))
+}
+
+/// Cargo's target folder.
+fn target_dir(root: &std::path::Path) -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target"))
 }
 
 /// The workspace root: the parent of this crate's folder.
@@ -114,6 +124,7 @@ fn main() -> Result<()> {
             ClusterAction::Status => cluster::status(&root),
             ClusterAction::Stop { component } => cluster::stop_component(&root, &component),
             ClusterAction::Start { component } => cluster::start_component(&root, &component),
+            ClusterAction::Compact => cluster::compact(&root),
             ClusterAction::Env => {
                 let state = cluster::ClusterState::load(&root)?
                     .context("no local control plane is recorded; start one with `cargo xtask cluster up`")?;
@@ -123,7 +134,7 @@ fn main() -> Result<()> {
         },
         Command::Demo { once } => demo::run(&root, once),
         Command::Bench { objects } => bench::run(&root, objects),
-        Command::Test { cargo_test_args } => test::run(&root, &cargo_test_args),
+        Command::Test { long, cargo_test_args } => test::run(&root, long, &cargo_test_args),
     }
 }
 

@@ -9,17 +9,22 @@ use crate::cluster::{self, CLUSTER_DIR_ENV};
 
 /// Runs `cargo test --workspace` against the local control plane, starting it first when none
 /// is running and stopping it afterwards if this call started it.
-pub fn run(root: &Path, cargo_test_args: &[String]) -> Result<()> {
+pub fn run(root: &Path, long: bool, cargo_test_args: &[String]) -> Result<()> {
     let (state, started) = cluster::up(root)?;
     eprintln!("running tests against {} (Kubernetes {})", state.server, state.kubernetes_version);
     // The end-to-end tests run the operator binary as separate processes, and use this very
     // xtask to stop and start control-plane components.
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
     let operator_binary = crate::build_operator(root)?;
-    let xtask_binary = std::env::current_exe().context("locating the xtask binary")?;
-    let status = Command::new(&cargo)
+    // Not current_exe(): the workspace build just replaced this very binary on disk.
+    let xtask_binary = crate::target_dir(root).join("debug/xtask");
+    let mut command = Command::new(&cargo);
+    if long {
+        command.env("EXAMPLE_OPERATOR_LONG_FAULTS", "1");
+    }
+    let status = command
         .current_dir(root)
-        .args(["test", "--workspace"])
+        .args(["test", "--workspace", "--no-fail-fast"])
         .args(cargo_test_args)
         .env(CLUSTER_DIR_ENV, &state.dir)
         .env("EXAMPLE_OPERATOR_BIN", &operator_binary)

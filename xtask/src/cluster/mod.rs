@@ -352,6 +352,38 @@ pub fn start_component(root: &Path, name: &str) -> Result<()> {
     Ok(())
 }
 
+/// `cluster compact`: compacts etcd's history up to its current revision, so watches resuming
+/// from an older resourceVersion get 410 Gone and must relist (fault injection).
+pub fn compact(root: &Path) -> Result<()> {
+    let state = ClusterState::load(root)?.context("no local control plane is recorded")?;
+    let port = etcd_port(&state.component("etcd")?.args).context("etcd's recorded arguments name no client URL")?;
+    // etcd's JSON gateway: keys are base64; "AA==" is the zero byte, a key that never exists.
+    let range = etcd_post(port, "/v3/kv/range", r#"{"key":"AA=="}"#)?;
+    let header: serde_json::Value = serde_json::from_str(&range).with_context(|| format!("etcd answered {range}"))?;
+    let revision = header["header"]["revision"].as_str().context("etcd reported no revision")?.to_owned();
+    etcd_post(port, "/v3/kv/compaction", &format!(r#"{{"revision":"{revision}","physical":true}}"#))?;
+    println!("compacted etcd up to revision {revision}");
+    Ok(())
+}
+
+/// POSTs `body` to etcd's gRPC gateway and returns the response body.
+fn etcd_post(port: u16, path: &str, body: &str) -> Result<String> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).context("connecting to etcd")?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let request = format!(
+        "POST {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes())?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let (head, body) = response.split_once("\r\n\r\n").context("an HTTP response from etcd")?;
+    if !head.starts_with("HTTP/1.0 200") && !head.starts_with("HTTP/1.1 200") {
+        bail!("etcd {path} failed: {head} {body}");
+    }
+    Ok(body.to_owned())
+}
+
 /// The client port of etcd from its `--listen-client-urls` argument.
 fn etcd_port(args: &[String]) -> Option<u16> {
     args.iter().find_map(|a| a.strip_prefix("--listen-client-urls=http://127.0.0.1:")).and_then(|p| p.parse().ok())
