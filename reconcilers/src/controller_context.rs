@@ -1,8 +1,16 @@
 //! What every controller shares around its reconcile function: the client, the event recorder,
 //! per-object backoff, and the instrumentation (metrics and one tracing span per reconcile).
 
+use std::fmt::Debug;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use futures::future::BoxFuture;
+use kube::runtime::controller::{Config, Controller};
+use serde::de::DeserializeOwned;
+use tokio_util::sync::CancellationToken;
 
 use k8s_openapi::api::core::v1::ObjectReference;
 use kube::runtime::controller::Action;
@@ -17,6 +25,7 @@ use crate::backoff::PerObjectBackoff;
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::owned_config_map::MANAGER;
+use crate::shared_cache::wait_until_synced;
 
 /// First retry delay after a transient error; doubles per consecutive failure.
 const RETRY_BASE: Duration = Duration::from_millis(500);
@@ -123,6 +132,40 @@ where
             Event { type_, reason: reason.to_owned(), note: Some(note), action: action.to_owned(), secondary: None };
         if let Err(error) = self.recorder.publish(&event, &reference).await {
             tracing::warn!(%error, reason, "publishing an event failed");
+        }
+    }
+}
+
+/// Runs `controller` with `concurrency` workers once every cache in `caches` has synced (as
+/// controller-runtime waits for its informers), until `shutdown` fires; in-flight reconciles
+/// then finish. Subscriptions are taken by the caller before this is awaited.
+#[allow(clippy::too_many_arguments)]
+pub fn run_when_synced<K, Ctx, ReconcileFut>(
+    name: &'static str,
+    controller: Controller<K>,
+    caches: Vec<BoxFuture<'static, bool>>,
+    reconcile: impl FnMut(Arc<K>, Arc<Ctx>) -> ReconcileFut + Send + 'static,
+    error_policy: impl Fn(Arc<K>, &Error, Arc<Ctx>) -> Action + Send + Sync + 'static,
+    context: Arc<Ctx>,
+    metrics: Metrics,
+    concurrency: u16,
+    shutdown: CancellationToken,
+) -> impl Future<Output = ()> + Send + 'static
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    Ctx: Send + Sync + 'static,
+    ReconcileFut: Future<Output = Result<Action>> + Send + 'static,
+{
+    metrics.max_concurrent_reconciles.with_label_values(&[name]).set(i64::from(concurrency));
+    let caches_synced = wait_until_synced(caches, shutdown.clone());
+    let running = controller
+        .with_config(Config::default().concurrency(concurrency))
+        .graceful_shutdown_on(async move { shutdown.cancelled().await })
+        .run(reconcile, error_policy, context)
+        .for_each(|_| futures::future::ready(()));
+    async move {
+        if caches_synced.await {
+            running.await;
         }
     }
 }

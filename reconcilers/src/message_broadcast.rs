@@ -13,7 +13,7 @@ use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
 use kube::api::{Api, Patch, PatchParams};
 use kube::core::{Selector, SelectorExt};
-use kube::runtime::controller::{Action, Config, Controller};
+use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Resource, ResourceExt};
@@ -21,10 +21,10 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::conditions::{Reason, now, ready_condition};
-use crate::controller_context::{ControllerContext, Requeue};
+use crate::controller_context::{ControllerContext, Requeue, run_when_synced};
 use crate::error::{Error, Result};
 use crate::owned_config_map::{self, DesiredConfigMap, MANAGER, WriteOutcome, controller_uid};
-use crate::shared_cache::{SharedCache, wait_until_synced};
+use crate::shared_cache::SharedCache;
 
 /// Name of this controller in metrics, logs and spans.
 pub const CONTROLLER: &str = "messagebroadcast";
@@ -293,25 +293,16 @@ pub fn controller(
     concurrency: u16,
     shutdown: CancellationToken,
 ) -> impl Future<Output = ()> + Send + 'static {
-    context.base.metrics.max_concurrent_reconciles.with_label_values(&[CONTROLLER]).set(i64::from(concurrency));
+    let metrics = context.base.metrics.clone();
     let broadcast_store = broadcasts.store();
     let config_map_store = config_maps.store();
-    let caches_synced =
-        wait_until_synced(vec![broadcasts.synced(), config_maps.synced(), namespaces.synced()], shutdown.clone());
     let controller = Controller::for_shared_stream(broadcasts.subscribe(), broadcasts.store())
         .watches_shared_stream(config_maps.subscribe(), owner_of_copy)
         .watches_shared_stream(namespaces.subscribe(), move |namespace| {
             broadcasts_for_namespace(&namespace, &broadcast_store, &config_map_store)
-        })
-        .with_config(Config::default().concurrency(concurrency))
-        .graceful_shutdown_on(async move { shutdown.cancelled().await })
-        .run(reconcile, error_policy, context)
-        .for_each(|_| futures::future::ready(()));
-    async move {
-        if caches_synced.await {
-            controller.await;
-        }
-    }
+        });
+    let caches = vec![broadcasts.synced(), config_maps.synced(), namespaces.synced()];
+    run_when_synced(CONTROLLER, controller, caches, reconcile, error_policy, context, metrics, concurrency, shutdown)
 }
 
 #[cfg(test)]

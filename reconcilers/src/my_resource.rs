@@ -8,10 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crd_types::{ConditionStatus, MyResource, MyResourceStatus, Phase};
-use futures::StreamExt;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, Patch, PatchParams};
-use kube::runtime::controller::{Action, Config, Controller};
+use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Resource, ResourceExt};
@@ -19,10 +18,10 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::conditions::{Reason, now, ready_condition};
-use crate::controller_context::{ControllerContext, Requeue};
+use crate::controller_context::{ControllerContext, Requeue, run_when_synced};
 use crate::error::{Error, Result};
 use crate::owned_config_map::{self, DesiredConfigMap, MANAGER, WriteOutcome};
-use crate::shared_cache::{SharedCache, wait_until_synced};
+use crate::shared_cache::SharedCache;
 
 /// Name of this controller in metrics, logs and spans.
 pub const CONTROLLER: &str = "myresource";
@@ -186,19 +185,11 @@ pub fn controller(
     concurrency: u16,
     shutdown: CancellationToken,
 ) -> impl Future<Output = ()> + Send + 'static {
-    context.base.metrics.max_concurrent_reconciles.with_label_values(&[CONTROLLER]).set(i64::from(concurrency));
-    let caches_synced = wait_until_synced(vec![resources.synced(), config_maps.synced()], shutdown.clone());
+    let metrics = context.base.metrics.clone();
     let controller = Controller::for_shared_stream(resources.subscribe(), resources.store())
-        .watches_shared_stream(config_maps.subscribe(), owners_of)
-        .with_config(Config::default().concurrency(concurrency))
-        .graceful_shutdown_on(async move { shutdown.cancelled().await })
-        .run(reconcile, error_policy, context)
-        .for_each(|_| futures::future::ready(()));
-    async move {
-        if caches_synced.await {
-            controller.await;
-        }
-    }
+        .watches_shared_stream(config_maps.subscribe(), owners_of);
+    let caches = vec![resources.synced(), config_maps.synced()];
+    run_when_synced(CONTROLLER, controller, caches, reconcile, error_policy, context, metrics, concurrency, shutdown)
 }
 
 #[cfg(test)]
