@@ -48,6 +48,7 @@ pub struct ControllerContext<K: Resource<DynamicType = ()>> {
     pub client: Client,
     pub metrics: Metrics,
     recorder: Recorder,
+    pending_events: std::sync::Mutex<tokio::task::JoinSet<()>>,
     backoff: PerObjectBackoff<ObjectRef<K>>,
 }
 
@@ -61,6 +62,7 @@ where
         Self {
             controller,
             recorder: Recorder::new(client.clone(), reporter),
+            pending_events: std::sync::Mutex::default(),
             client,
             metrics,
             backoff: PerObjectBackoff::new(RETRY_BASE, RETRY_CAP),
@@ -125,14 +127,21 @@ where
         Action::requeue(delay)
     }
 
-    /// Publishes an event about `object`; a failure is logged, never fails the reconcile.
+    /// Publishes an event about `object` in the background, so the reconcile does not wait for
+    /// it; a failure is logged. Pending events are dropped with the context (when the controller
+    /// stops), so none is written after this replica stopped leading.
     pub async fn publish(&self, object: &K, type_: EventType, reason: &str, action: &str, note: String) {
         let reference: ObjectReference = object.object_ref(&());
         let event =
             Event { type_, reason: reason.to_owned(), note: Some(note), action: action.to_owned(), secondary: None };
-        if let Err(error) = self.recorder.publish(&event, &reference).await {
-            tracing::warn!(%error, reason, "publishing an event failed");
-        }
+        let recorder = self.recorder.clone();
+        let mut pending = self.pending_events.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        while pending.try_join_next().is_some() {}
+        pending.spawn(async move {
+            if let Err(error) = recorder.publish(&event, &reference).await {
+                tracing::warn!(%error, reason = %event.reason, "publishing an event failed");
+            }
+        });
     }
 }
 

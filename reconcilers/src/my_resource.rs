@@ -176,6 +176,30 @@ fn owners_of(config_map: Arc<ConfigMap>) -> Option<ObjectRef<MyResource>> {
         .map(|owner| ObjectRef::new(&owner.name).within(&namespace))
 }
 
+/// The MyResource changes worth a reconcile: new objects and spec changes (a new generation).
+/// Status and metadata updates, mostly this controller's own status writes, are skipped, as
+/// controller-runtime's GenerationChangedPredicate does; their reconcile would find nothing to do
+/// and, with the ConfigMap cache a moment behind, cost a redundant create and read.
+fn generation_changed(
+    resources: &SharedCache<MyResource>,
+) -> impl futures::Stream<Item = Arc<MyResource>> + Send + 'static {
+    use futures::StreamExt;
+    let store = resources.store();
+    let mut seen: std::collections::HashMap<String, i64> = std::collections::HashMap::new();
+    resources.subscribe().filter(move |resource| {
+        let (Some(uid), Some(generation)) = (resource.uid(), resource.metadata.generation) else {
+            return futures::future::ready(true);
+        };
+        let changed = seen.insert(uid, generation) != Some(generation);
+        // Forget deleted objects now and then, so the map stays the size of the cache.
+        if seen.len() > 2 * store.len() + 64 {
+            let live: std::collections::HashSet<String> = store.state().iter().filter_map(|r| r.uid()).collect();
+            seen.retain(|uid, _| live.contains(uid));
+        }
+        futures::future::ready(changed)
+    })
+}
+
 /// Subscribes to the caches now; the returned future runs until `shutdown` fires, then lets
 /// in-flight reconciles finish.
 pub fn controller(
@@ -186,7 +210,7 @@ pub fn controller(
     shutdown: CancellationToken,
 ) -> impl Future<Output = ()> + Send + 'static {
     let metrics = context.base.metrics.clone();
-    let controller = Controller::for_shared_stream(resources.subscribe(), resources.store())
+    let controller = Controller::for_shared_stream(generation_changed(resources), resources.store())
         .watches_shared_stream(config_maps.subscribe(), owners_of);
     let caches = vec![resources.synced(), config_maps.synced()];
     run_when_synced(CONTROLLER, controller, caches, reconcile, error_policy, context, metrics, concurrency, shutdown)

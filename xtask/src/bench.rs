@@ -184,7 +184,7 @@ fn metric_sum(exposition: &str, name: &str, filter: &str) -> f64 {
         .lines()
         .filter(|l| (l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} "))) && l.contains(filter))
         .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
-        .sum()
+        .fold(0.0, |sum, value| sum + value)
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
