@@ -152,6 +152,7 @@ pub async fn run(client: Client, settings: Settings, metrics: Metrics, shutdown:
                 settings.instance.clone(),
             ),
             config_maps: config_maps.store(),
+            written: Default::default(),
         });
         let concurrency = settings.my_resource_concurrency;
         tasks.push(my_resource::controller(&resources, &config_maps, context, concurrency, shutdown.clone()).boxed());

@@ -2,10 +2,11 @@
 //! owned by the MyResource (so the garbage collector removes it with its owner), and a status
 //! that tells the truth. It never overwrites a ConfigMap it does not own.
 
-use std::collections::BTreeMap;
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crd_types::{ConditionStatus, MyResource, MyResourceStatus, Phase};
 use k8s_openapi::api::core::v1::ConfigMap;
@@ -34,6 +35,55 @@ const CONFLICT_RECHECK: Duration = Duration::from_secs(120);
 pub struct Context {
     pub base: ControllerContext<MyResource>,
     pub config_maps: Store<ConfigMap>,
+    pub written: WrittenStatuses,
+}
+
+/// Statuses this controller wrote, kept until the MyResource cache shows them. The reconcile
+/// triggered by the owned ConfigMap's creation usually runs before the MyResource's own watch
+/// event arrives; without this it would see no status and write the same one again.
+#[derive(Debug, Default)]
+pub struct WrittenStatuses(std::sync::Mutex<HashMap<String, (u64, MyResourceStatus, Instant)>>);
+
+/// A written status older than this is forgotten even if its object never showed up again.
+const WRITTEN_STATUS_TTL: Duration = Duration::from_secs(60);
+
+fn resource_version(resource: &MyResource) -> Option<u64> {
+    resource.metadata.resource_version.as_deref()?.parse().ok()
+}
+
+impl WrittenStatuses {
+    fn record(&self, written: &MyResource) {
+        let (Some(uid), Some(version), Some(status)) =
+            (written.uid(), resource_version(written), written.status.clone())
+        else {
+            return;
+        };
+        let mut map = self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if map.len() > 1024 {
+            map.retain(|_, (_, _, at)| at.elapsed() < WRITTEN_STATUS_TTL);
+        }
+        map.insert(uid, (version, status, Instant::now()));
+    }
+
+    /// `cached`, with the status this controller last wrote when the cache has not caught up
+    /// with that write yet. (resourceVersions are compared as numbers, as etcd issues them; one
+    /// that does not parse means the cache is trusted.)
+    fn freshest<'a>(&self, cached: &'a MyResource) -> Cow<'a, MyResource> {
+        let Some(uid) = cached.uid() else { return Cow::Borrowed(cached) };
+        let mut map = self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        match (map.get(&uid), resource_version(cached)) {
+            (Some((written, status, _)), Some(seen)) if seen < *written => {
+                let mut fresher = cached.clone();
+                fresher.status = Some(status.clone());
+                Cow::Owned(fresher)
+            }
+            (Some(_), _) => {
+                map.remove(&uid);
+                Cow::Borrowed(cached)
+            }
+            (None, _) => Cow::Borrowed(cached),
+        }
+    }
 }
 
 /// The name of the ConfigMap a MyResource owns.
@@ -94,6 +144,7 @@ pub fn desired_status(resource: &MyResource, outcome: Result<&str, &Error>) -> M
 
 /// Reconciles one MyResource: ConfigMap first, then status, each written only when it differs.
 pub async fn reconcile(resource: Arc<MyResource>, context: Arc<Context>) -> Result<Action> {
+    let resource = context.written.freshest(&resource);
     context.base.instrumented(&resource, reconcile_inner(&resource, &context)).await
 }
 
@@ -158,7 +209,9 @@ async fn write_status(resource: &MyResource, context: &Context, status: &MyResou
         "kind": MyResource::kind(&()),
         "status": status,
     });
-    api.patch_status(&resource.name_any(), &PatchParams::apply(MANAGER).force(), &Patch::Apply(patch)).await?;
+    let written =
+        api.patch_status(&resource.name_any(), &PatchParams::apply(MANAGER).force(), &Patch::Apply(patch)).await?;
+    context.written.record(&written);
     Ok(())
 }
 
@@ -278,6 +331,24 @@ mod tests {
         stored.status = Some(desired_status(&stored, Ok("hello-configmap")));
         let again = desired_status(&stored, Ok("hello-configmap"));
         assert_eq!(stored.status, Some(again), "so a resync writes nothing");
+    }
+
+    #[test]
+    fn a_written_status_stands_in_for_a_cache_that_has_not_caught_up() {
+        let written = WrittenStatuses::default();
+        let mut after_write = resource("hello", "hi");
+        after_write.metadata.resource_version = Some("7".into());
+        after_write.status = Some(desired_status(&after_write, Ok("hello-configmap")));
+        written.record(&after_write);
+
+        let mut stale = resource("hello", "hi");
+        stale.metadata.resource_version = Some("5".into());
+        assert_eq!(written.freshest(&stale).status, after_write.status, "the cache is behind our write");
+
+        let mut caught_up = resource("hello", "hi");
+        caught_up.metadata.resource_version = Some("8".into());
+        assert_eq!(written.freshest(&caught_up).status, None, "a newer cached object wins");
+        assert_eq!(written.freshest(&stale).status, None, "and the written status is forgotten");
     }
 
     #[test]
