@@ -140,16 +140,16 @@ impl Elector {
             let attempt = Instant::now();
             match tokio::time::timeout(self.config.renew_deadline, self.lock.try_acquire_or_renew()).await {
                 Ok(Ok(LeaseLockResult::Acquired(lease))) if self.is_me(&lease) => {
-                    if let Some(acquired) = self.confirm(&lease, shutdown).await {
-                        if acquired {
+                    match self.confirm(&lease, shutdown).await {
+                        None => return None,
+                        Some(false) => {}
+                        Some(true) => {
                             self.renewed();
                             self.set_leading(true);
                             self.metrics.transitions.inc();
                             tracing::info!(lease = %self.config.lease_name, identity = %self.config.identity, "became leader");
                             return Some(attempt);
                         }
-                    } else {
-                        return None;
                     }
                 }
                 Ok(Ok(result)) => {

@@ -26,7 +26,6 @@ async fn the_operator_survives_an_api_server_restart_and_converges_afterwards() 
     })
     .await?;
     let resources: Api<MyResource> = Api::namespaced(client.clone(), &ns);
-    let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
     let before = MyResource::new("before", MyResourceSpec { message: "made before the outage".into() });
     resources.create(&PostParams::default(), &before).await?;
     eventually(Duration::from_secs(30), "the first resource to be Ready", || async {
@@ -47,13 +46,12 @@ async fn the_operator_survives_an_api_server_restart_and_converges_afterwards() 
     // Watches resume: a deleted ConfigMap is restored and a new resource converges.
     let client = cluster.admin_client().await?;
     let resources: Api<MyResource> = Api::namespaced(client.clone(), &ns);
-    let config_maps_after: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
-    drop(config_maps);
-    config_maps_after.delete("before-configmap", &DeleteParams::default()).await?;
+    let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    config_maps.delete("before-configmap", &DeleteParams::default()).await?;
     let after = MyResource::new("after", MyResourceSpec { message: "made after the outage".into() });
     resources.create(&PostParams::default(), &after).await?;
     eventually(Duration::from_secs(60), "both resources converged after the restart", || async {
-        let restored = config_maps_after.get_opt("before-configmap").await?.is_some();
+        let restored = config_maps.get_opt("before-configmap").await?.is_some();
         let ready = resources.get("after").await?.status.and_then(|s| s.phase) == Some(Phase::Ready);
         Ok((restored && ready).then_some(()))
     })

@@ -267,7 +267,9 @@ async fn the_garbage_collector_catches_up_after_an_outage() -> Result<()> {
     ensure!(orphans == count, "without the garbage collector the ConfigMaps stay ({orphans} of {count})");
 
     cluster_component("start", "kube-controller-manager")?;
-    eventually(Duration::from_secs(180), "the garbage collector to delete every ConfigMap", || async {
+    // The garbage collector rebuilds its graph after the restart, then deletes each orphan.
+    let catch_up = Duration::from_secs(120 + count as u64 / 5);
+    eventually(catch_up, "the garbage collector to delete every ConfigMap", || async {
         Ok(config_maps.list(&managed).await?.items.is_empty().then_some(()))
     })
     .await?;
