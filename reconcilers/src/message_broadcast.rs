@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use crate::conditions::{Reason, now, ready_condition};
 use crate::controller_context::{ControllerContext, Requeue, run_when_synced};
 use crate::error::{Error, Result};
-use crate::owned_config_map::{self, DesiredConfigMap, MANAGER, WriteOutcome, controller_uid};
+use crate::owned_config_map::{self, DesiredConfigMap, MANAGER, WriteOutcome, controller_of_kind, controller_uid};
 use crate::shared_cache::SharedCache;
 
 /// Name of this controller in metrics, logs and spans.
@@ -246,15 +246,7 @@ async fn update_status(
 
 /// The broadcast controlling a ConfigMap copy, if any.
 fn owner_of_copy(config_map: Arc<ConfigMap>) -> Option<ObjectRef<MessageBroadcast>> {
-    config_map
-        .owner_references()
-        .iter()
-        .find(|owner| {
-            owner.controller == Some(true)
-                && owner.kind == MessageBroadcast::kind(&())
-                && owner.api_version == MessageBroadcast::api_version(&())
-        })
-        .map(|owner| ObjectRef::new(&owner.name))
+    controller_of_kind::<MessageBroadcast>(&config_map.metadata).map(|owner| ObjectRef::new(&owner.name))
 }
 
 /// The broadcasts a namespace event concerns: those whose selector matches it now, and those that

@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use crate::conditions::{Reason, now, ready_condition};
 use crate::controller_context::{ControllerContext, Requeue, run_when_synced};
 use crate::error::{Error, Result};
-use crate::owned_config_map::{self, DesiredConfigMap, MANAGER, WriteOutcome};
+use crate::owned_config_map::{self, DesiredConfigMap, MANAGER, WriteOutcome, controller_of_kind};
 use crate::shared_cache::SharedCache;
 
 /// Name of this controller in metrics, logs and spans.
@@ -218,15 +218,7 @@ async fn write_status(resource: &MyResource, context: &Context, status: &MyResou
 /// The MyResources a ConfigMap event concerns: its controller owner, if that is a MyResource.
 fn owners_of(config_map: Arc<ConfigMap>) -> Option<ObjectRef<MyResource>> {
     let namespace = config_map.namespace()?;
-    config_map
-        .owner_references()
-        .iter()
-        .find(|owner| {
-            owner.controller == Some(true)
-                && owner.kind == MyResource::kind(&())
-                && owner.api_version == MyResource::api_version(&())
-        })
-        .map(|owner| ObjectRef::new(&owner.name).within(&namespace))
+    controller_of_kind::<MyResource>(&config_map.metadata).map(|owner| ObjectRef::new(&owner.name).within(&namespace))
 }
 
 /// The MyResource changes worth a reconcile: new objects and spec changes (a new generation).

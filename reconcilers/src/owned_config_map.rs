@@ -10,7 +10,7 @@ use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::runtime::reflector::{ObjectRef, Store};
-use kube::{Client, ResourceExt};
+use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 
 use crate::error::{Error, Result};
@@ -49,6 +49,13 @@ pub enum WriteOutcome {
 /// UID of the controller owner of `object`, if it has one.
 pub fn controller_uid(meta: &ObjectMeta) -> Option<&str> {
     meta.owner_references.iter().flatten().find(|o| o.controller == Some(true)).map(|o| o.uid.as_str())
+}
+
+/// The controller reference of `meta` when it points at a `K` (kind and apiVersion match).
+pub fn controller_of_kind<K: Resource<DynamicType = ()>>(meta: &ObjectMeta) -> Option<&OwnerReference> {
+    meta.owner_references.iter().flatten().find(|owner| {
+        owner.controller == Some(true) && owner.kind == K::kind(&()) && owner.api_version == K::api_version(&())
+    })
 }
 
 impl DesiredConfigMap {

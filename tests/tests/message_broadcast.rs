@@ -71,6 +71,15 @@ async fn wait_for_counts(client: &Client, name: &str, matched: u32, ready: u32) 
     .await
 }
 
+/// Deletes the broadcast and waits until the garbage collector removed every copy.
+async fn delete_and_wait_for_copies_to_go(client: &Client, name: &str) -> Result<()> {
+    Api::<MessageBroadcast>::all(client.clone()).delete(name, &DeleteParams::default()).await?;
+    eventually(CONVERGE, "every copy to be garbage collected", || async {
+        Ok(namespaces_with_copy(client, name).await?.is_empty().then_some(()))
+    })
+    .await
+}
+
 fn selector(key: &str, value: &str) -> LabelSelector {
     LabelSelector { match_labels: Some([(key.to_owned(), value.to_owned())].into()), match_expressions: None }
 }
@@ -128,11 +137,7 @@ async fn copies_follow_the_selector_and_leave_with_the_broadcast() -> Result<()>
     ensure!(restarted.metrics.write_requests() == 0, "writes after restart: {}", restarted.metrics.request_summary());
 
     // Deleting the broadcast removes every copy (garbage collector, cluster-scoped owner).
-    Api::<MessageBroadcast>::all(client.clone()).delete(&name, &DeleteParams::default()).await?;
-    eventually(CONVERGE, "every copy to be garbage collected", || async {
-        Ok(namespaces_with_copy(&client, &name).await?.is_empty().then_some(()))
-    })
-    .await?;
+    delete_and_wait_for_copies_to_go(&client, &name).await?;
     restarted.stop().await?;
     for namespace in [first, second, outsider, late] {
         namespace.delete().await?;
@@ -167,11 +172,7 @@ async fn an_empty_selector_covers_every_active_namespace() -> Result<()> {
         Ok((active.is_subset(&holders) && counted && active.contains("kube-system")).then_some(()))
     })
     .await?;
-    Api::<MessageBroadcast>::all(client.clone()).delete(&name, &DeleteParams::default()).await?;
-    eventually(CONVERGE, "every copy to be garbage collected", || async {
-        Ok(namespaces_with_copy(&client, &name).await?.is_empty().then_some(()))
-    })
-    .await?;
+    delete_and_wait_for_copies_to_go(&client, &name).await?;
     controllers.stop().await
 }
 
