@@ -314,6 +314,26 @@ pub fn sum_samples(exposition: &str, name: &str, label: &str) -> f64 {
         .sum()
 }
 
+/// Waits for the operator's "serving HTTP" log line and returns the port it names.
+fn bound_port(log: &Path) -> Result<u16> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        let port = text.lines().filter(|line| line.contains("serving HTTP")).find_map(|line| {
+            let after = &line[line.find("127.0.0.1:")? + "127.0.0.1:".len()..];
+            after.chars().take_while(char::is_ascii_digit).collect::<String>().parse().ok()
+        });
+        if let Some(port) = port {
+            return Ok(port);
+        }
+        if Instant::now() > deadline {
+            bail!("the operator did not start serving HTTP within 30s:\n{text}");
+        }
+        // A blocking wait: the operator is another process, nothing here needs the runtime.
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Election timing short enough for tests: lease 4 s, renew deadline 3 s, retry 0.5 s.
 pub const TEST_LEASE: [&str; 6] = ["--lease-duration", "4s", "--renew-deadline", "3s", "--retry-period", "500ms"];
 
@@ -351,8 +371,6 @@ impl OperatorProcess {
         extra: &[&str],
         env: &[(&str, &str)],
     ) -> Result<Self> {
-        let metrics_port = free_port()?;
-        let probe_port = free_port()?;
         let log = std::env::temp_dir()
             .join(format!("example-operator-{identity}-{:06x}.log", rand::random::<u32>() & 0xff_ffff));
         let out = std::fs::File::create(&log)?;
@@ -360,8 +378,9 @@ impl OperatorProcess {
             .arg("--kubeconfig")
             .arg(kubeconfig)
             .args(["--identity", identity, "--leader-election-id", lease, "--leader-election-namespace", namespace])
-            .args(["--metrics-bind-address", &format!("127.0.0.1:{metrics_port}")])
-            .args(["--health-probe-bind-address", &format!("127.0.0.1:{probe_port}")])
+            // Port 0: the operator binds a port of its own choosing and logs it, so parallel
+            // replicas never race for a port picked in advance.
+            .args(["--metrics-bind-address", "127.0.0.1:0", "--health-probe-bind-address", "127.0.0.1:0"])
             .args(extra)
             .env_remove("POD_NAME")
             .env_remove("POD_NAMESPACE")
@@ -371,7 +390,8 @@ impl OperatorProcess {
             .kill_on_drop(true)
             .spawn()
             .context("starting the operator")?;
-        Ok(Self { identity: identity.to_owned(), metrics_port, probe_port, child, log })
+        let port = bound_port(&log)?;
+        Ok(Self { identity: identity.to_owned(), metrics_port: port, probe_port: port, child, log })
     }
 
     /// The replica's /metrics text.
