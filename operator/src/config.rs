@@ -28,6 +28,12 @@ pub struct Cli {
     #[arg(long, env = "KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
 
+    /// Kubeconfig for the Lease alone (controller-runtime's LeaderElectionConfig): another
+    /// identity, cluster or network path for the election. Defaults to --kubeconfig. The election
+    /// always has connections of its own, so slow controller traffic never delays a renewal.
+    #[arg(long, env = "LEADER_ELECTION_KUBECONFIG")]
+    pub leader_election_kubeconfig: Option<PathBuf>,
+
     /// Elect a leader among replicas with a coordination.k8s.io/v1 Lease; only the leader reconciles.
     #[arg(long, env = "LEADER_ELECT", default_value_t = true, action = clap::ArgAction::Set)]
     pub leader_elect: bool,
@@ -95,8 +101,18 @@ pub struct Cli {
     pub log_level: String,
 
     /// How long in-flight reconciles may take to finish on SIGTERM before the lease is released.
+    /// The lease is renewed throughout.
     #[arg(long, env = "SHUTDOWN_TIMEOUT", default_value = "20s", value_parser = humantime::parse_duration)]
     pub shutdown_timeout: Duration,
+
+    /// How long an API request other than a watch may wait for its response (and then for each
+    /// piece of its body) before it fails; a half-open connection then fails instead of hanging.
+    #[arg(long, env = "API_REQUEST_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub api_request_timeout: Duration,
+
+    /// How long one reconcile may run before it is cancelled and retried with backoff.
+    #[arg(long, env = "RECONCILE_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub reconcile_timeout: Duration,
 }
 
 /// Timing and identity of the leader election.
@@ -106,16 +122,33 @@ pub struct ElectionConfig {
     /// Resolved at start-up when not given.
     pub lease_namespace: Option<String>,
     pub identity: String,
+    /// A whole number of seconds (the Lease counts in seconds).
     pub lease_duration: Duration,
     pub renew_deadline: Duration,
     pub retry_period: Duration,
+    /// Bound on each election request: below the renew deadline, so one hung request never
+    /// uses up the time a leader has to renew.
+    pub request_timeout: Duration,
     pub reenter_on_loss: bool,
+}
+
+/// The longest any single election request may take.
+const MAX_ELECTION_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The bound on each election request for a renew deadline: half of it, at most 5 s, so a
+/// leader gets at least two tries, and a release fits in the chart's 10 s of shutdown headroom.
+pub fn election_request_timeout(renew_deadline: Duration) -> Duration {
+    (renew_deadline / 2).min(MAX_ELECTION_REQUEST_TIMEOUT)
 }
 
 /// The validated configuration.
 #[derive(Clone, Debug)]
 pub struct Config {
     pub kubeconfig: Option<PathBuf>,
+    /// The Lease's own kubeconfig; `None` uses `kubeconfig`.
+    pub election_kubeconfig: Option<PathBuf>,
+    /// Bound on every API request that is not a watch.
+    pub api_request_timeout: Duration,
     /// `None` when leader election is off: this replica reconciles at once.
     pub election: Option<ElectionConfig>,
     pub controllers: reconcilers::Settings,
@@ -138,6 +171,9 @@ pub enum ConfigError {
     /// No controller selected.
     #[error("--controllers selects no controller")]
     NoControllers,
+    /// A timeout of zero.
+    #[error("{0} must be greater than zero")]
+    ZeroTimeout(&'static str),
 }
 
 /// Parses a Go-style bind address: `0` disables, `:8080` listens on every interface.
@@ -152,8 +188,10 @@ pub fn parse_bind_address(flag: &'static str, value: &str) -> Result<Option<Sock
     }
 }
 
-/// Checks the client-go rules: lease duration > renew deadline > 1.2 × retry period
-/// (the jitter factor of acquisition retries), so a leader always stops before anyone may take over.
+/// Checks the election timings: the Lease counts whole seconds (at least one); a leader must
+/// give up (renew deadline) and notice it (one more retry period) before anyone may take over
+/// (lease duration); and, as client-go requires, renew deadline > 1.2 × retry period (the jitter
+/// factor of retries).
 pub fn validate_timing(
     lease_duration: Duration,
     renew_deadline: Duration,
@@ -163,11 +201,18 @@ pub fn validate_timing(
     if retry_period.is_zero() {
         return Err(ConfigError::Timing("--retry-period must be greater than zero".into()));
     }
-    if lease_duration <= renew_deadline {
+    if lease_duration.subsec_nanos() != 0 || lease_duration < Duration::from_secs(1) {
         return Err(ConfigError::Timing(format!(
-            "--lease-duration ({}) must be greater than --renew-deadline ({})",
-            show(lease_duration),
-            show(renew_deadline)
+            "--lease-duration ({}) must be a whole number of seconds, at least 1s: the Lease stores it in seconds",
+            show(lease_duration)
+        )));
+    }
+    if renew_deadline + retry_period >= lease_duration {
+        return Err(ConfigError::Timing(format!(
+            "--renew-deadline ({}) + --retry-period ({}) must be less than --lease-duration ({}), so a leader that cannot renew stops before another replica may take over",
+            show(renew_deadline),
+            show(retry_period),
+            show(lease_duration)
         )));
     }
     if renew_deadline <= retry_period.mul_f64(1.2) {
@@ -198,6 +243,15 @@ impl Cli {
         if controllers.is_empty() {
             return Err(ConfigError::NoControllers);
         }
+        for (flag, timeout) in [
+            ("--api-request-timeout", self.api_request_timeout),
+            ("--reconcile-timeout", self.reconcile_timeout),
+            ("--shutdown-timeout", self.shutdown_timeout),
+        ] {
+            if timeout.is_zero() {
+                return Err(ConfigError::ZeroTimeout(flag));
+            }
+        }
         let election = if self.leader_elect {
             validate_timing(self.lease_duration, self.renew_deadline, self.retry_period)?;
             Some(ElectionConfig {
@@ -207,6 +261,7 @@ impl Cli {
                 lease_duration: self.lease_duration,
                 renew_deadline: self.renew_deadline,
                 retry_period: self.retry_period,
+                request_timeout: election_request_timeout(self.renew_deadline),
                 reenter_on_loss: self.reenter_election_on_loss,
             })
         } else {
@@ -214,12 +269,15 @@ impl Cli {
         };
         Ok(Config {
             kubeconfig: self.kubeconfig,
+            election_kubeconfig: self.leader_election_kubeconfig,
+            api_request_timeout: self.api_request_timeout,
             controllers: reconcilers::Settings {
                 controllers,
                 my_resource_concurrency: self.myresource_concurrency,
                 message_broadcast_concurrency: self.messagebroadcast_concurrency,
                 instance: election.as_ref().map(|e| e.identity.clone()),
                 watch_namespace: self.watch_namespace.filter(|ns| !ns.is_empty()),
+                reconcile_timeout: self.reconcile_timeout,
             },
             metrics_address: parse_bind_address("--metrics-bind-address", &self.metrics_bind_address)?,
             probe_address: parse_bind_address("--health-probe-bind-address", &self.health_probe_bind_address)?,
@@ -259,10 +317,39 @@ mod tests {
     #[test]
     fn contradictory_timings_are_rejected_with_the_rule() {
         let error = parse(&["--lease-duration", "10s", "--renew-deadline", "10s"]).err().unwrap_or_default();
-        assert!(error.contains("--lease-duration (10s) must be greater than --renew-deadline (10s)"), "{error}");
+        assert!(
+            error.contains("--renew-deadline (10s) + --retry-period (2s) must be less than --lease-duration (10s)"),
+            "{error}"
+        );
+        let error = parse(&["--lease-duration", "11s", "--renew-deadline", "10s"]).err().unwrap_or_default();
+        assert!(error.contains("must be less than --lease-duration (11s)"), "11s/10s/2s: {error}");
         let error = parse(&["--renew-deadline", "2s", "--retry-period", "2s"]).err().unwrap_or_default();
         assert!(error.contains("1.2 × --retry-period"), "{error}");
         assert!(parse(&["--leader-elect=false", "--renew-deadline", "20s"]).is_ok(), "timings unused without election");
+    }
+
+    #[test]
+    fn lease_durations_the_lease_cannot_store_are_rejected() {
+        for duration in ["1500ms", "900ms", "0s"] {
+            let error = parse(&["--lease-duration", duration, "--renew-deadline", "300ms", "--retry-period", "100ms"])
+                .err()
+                .unwrap_or_default();
+            assert!(error.contains("must be a whole number of seconds, at least 1s"), "{duration}: {error}");
+        }
+        let config = parse(&["--lease-duration", "4s", "--renew-deadline", "3s", "--retry-period", "500ms"]);
+        assert!(config.is_ok(), "fractional deadlines and retries are fine: {config:?}");
+    }
+
+    #[test]
+    fn election_requests_time_out_well_before_the_renew_deadline() -> Result<(), String> {
+        let config = parse(&[])?;
+        let election = config.election.ok_or("election on by default")?;
+        assert_eq!(election.request_timeout, Duration::from_secs(5));
+        assert_eq!(election_request_timeout(Duration::from_secs(3)), Duration::from_millis(1500));
+        assert_eq!(election_request_timeout(Duration::from_secs(60)), Duration::from_secs(5));
+        let error = parse(&["--reconcile-timeout", "0s"]).err().unwrap_or_default();
+        assert!(error.contains("--reconcile-timeout must be greater than zero"), "{error}");
+        Ok(())
     }
 
     #[test]

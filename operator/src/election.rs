@@ -1,18 +1,26 @@
-//! Leader election on a coordination.k8s.io/v1 Lease with kube-leader-election.
+//! Leader election on a coordination.k8s.io/v1 Lease, with client-go's guarantees.
 //!
-//! This module decides when this replica may write: only after it holds the Lease AND has
-//! confirmed it (the crate patches without a resourceVersion, so two racing candidates can both
-//! be told "acquired"), and never after it fails to renew within the renew deadline or sees
-//! another holder. Since renew deadline < lease duration, it stops before anyone else may take over.
+//! This module owns the Lease and decides when this replica may write anything else: from a
+//! successful acquisition until it fails to renew within the renew deadline. Every write that can
+//! change the holder carries the resourceVersion this replica read (a 409 means another replica
+//! won), and a Lease counts as expired only after this replica has seen the same record unchanged
+//! for the lease duration by its own monotonic clock, so clock skew between replicas never lets a
+//! standby take a live Lease. It writes nothing but the one Lease.
+//!
+//! kube-leader-election's `LeaseLock` cannot give these guarantees (its takeover and release are
+//! merge patches without a resourceVersion, and it judges expiry by comparing its wall clock with
+//! the holder's `renewTime`), so the operator reads and writes the Lease itself; see README.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use k8s_openapi::api::coordination::v1::Lease;
+use futures::StreamExt;
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use k8s_openapi::jiff;
 use kube::Client;
-use kube::api::Api;
-use kube_leader_election::{LeaseLock, LeaseLockParams, LeaseLockResult};
+use kube::api::{Api, PostParams};
+use kube::runtime::{WatchStreamExt, watcher};
 use prometheus::{Gauge, IntCounter, IntGaugeVec, Opts, Registry};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -54,35 +62,71 @@ impl LeaderMetrics {
     }
 }
 
-/// How leading ended.
-#[derive(Debug, PartialEq, Eq)]
-pub enum LeadershipEnd {
-    /// Shutdown was requested while leading; the lease is still ours to release.
-    Shutdown,
-    /// This replica can no longer be sure it leads; the reason says why.
-    Lost(String),
+/// Why this replica stopped leading.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum LeadershipLost {
+    /// No renewal succeeded within the renew deadline: another replica may take over soon.
+    #[error("could not renew the lease within the renew deadline of {0:?}")]
+    RenewDeadline(Duration),
+    /// Another replica holds the Lease.
+    #[error("the lease is now held by {0:?}")]
+    HeldBy(String),
 }
 
-/// Campaigns for, confirms, renews and releases one Lease.
+/// The result of one attempt to acquire or renew.
+#[derive(Debug, PartialEq, Eq)]
+enum Attempt {
+    /// This replica holds the Lease; the instant is when the successful write was sent.
+    Leading(Instant),
+    /// Another replica holds a Lease that has not expired by this replica's clock.
+    HeldBy(String),
+    /// Another writer changed the Lease since it was read (409): nothing was written.
+    Conflict,
+}
+
+/// What this replica last saw of the Lease, and when by its own clock the record last changed.
+#[derive(Clone, Debug)]
+struct Observed {
+    lease: Lease,
+    changed_at: Instant,
+}
+
+/// Campaigns for, renews and releases one Lease.
 pub struct Elector {
-    lock: LeaseLock,
     leases: Api<Lease>,
     config: ElectionConfig,
     namespace: String,
     metrics: LeaderMetrics,
     health: Arc<Health>,
+    state: Mutex<ElectorState>,
 }
 
-fn holder(lease: &Lease) -> Option<&str> {
-    lease.spec.as_ref().and_then(|s| s.holder_identity.as_deref())
+#[derive(Debug, Default)]
+struct ElectorState {
+    observed: Option<Observed>,
+    /// When this replica's last successful acquisition or renewal was sent, while it leads.
+    last_renew: Option<Instant>,
 }
 
-fn acquire_time(lease: &Lease) -> Option<jiff::Timestamp> {
-    lease.spec.as_ref().and_then(|s| s.acquire_time.as_ref()).map(|t| t.0)
+fn spec(lease: &Lease) -> LeaseSpec {
+    lease.spec.clone().unwrap_or_default()
+}
+
+fn holder(lease: &Lease) -> &str {
+    lease.spec.as_ref().and_then(|s| s.holder_identity.as_deref()).unwrap_or_default()
+}
+
+fn now_micro() -> MicroTime {
+    MicroTime(jiff::Timestamp::now())
+}
+
+fn is_conflict(error: &kube::Error) -> bool {
+    matches!(error, kube::Error::Api(status) if status.code == 409)
 }
 
 impl Elector {
-    /// An elector for `config`'s Lease in `namespace`.
+    /// An elector for `config`'s Lease in `namespace`, reading and writing through `client`
+    /// (the election's own client, see [`crate::client`]).
     pub fn new(
         client: Client,
         namespace: &str,
@@ -90,28 +134,145 @@ impl Elector {
         metrics: LeaderMetrics,
         health: Arc<Health>,
     ) -> Self {
-        let lock = LeaseLock::new(
-            client.clone(),
-            namespace,
-            LeaseLockParams {
-                lease_name: config.lease_name.clone(),
-                holder_id: config.identity.clone(),
-                lease_ttl: config.lease_duration,
-            },
-        );
         metrics.master_status.with_label_values(&[config.lease_name.as_str()]).set(0);
         Self {
-            lock,
             leases: Api::namespaced(client, namespace),
             config,
             namespace: namespace.to_owned(),
             metrics,
             health,
+            state: Mutex::default(),
         }
     }
 
-    fn is_me(&self, lease: &Lease) -> bool {
-        holder(lease) == Some(self.config.identity.as_str())
+    fn state(&self) -> std::sync::MutexGuard<'_, ElectorState> {
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn lease_seconds(&self) -> i32 {
+        i32::try_from(self.config.lease_duration.as_secs()).unwrap_or(i32::MAX)
+    }
+
+    /// Records `lease` as seen now; the expiry clock restarts only when the record changed.
+    fn observe(&self, lease: &Lease, now: Instant) {
+        let mut state = self.state();
+        let changed = state.observed.as_ref().is_none_or(|seen| seen.lease.spec != lease.spec);
+        let changed_at = match &state.observed {
+            Some(seen) if !changed => seen.changed_at,
+            _ => now,
+        };
+        state.observed = Some(Observed { lease: lease.clone(), changed_at });
+    }
+
+    /// When the observed Lease expires by this replica's clock; `None` when it is free.
+    fn expiry(&self) -> Option<Instant> {
+        let state = self.state();
+        let seen = state.observed.as_ref()?;
+        if holder(&seen.lease).is_empty() {
+            return None;
+        }
+        let seconds = seen.lease.spec.as_ref().and_then(|s| s.lease_duration_seconds).unwrap_or(self.lease_seconds());
+        Some(seen.changed_at + Duration::from_secs(u64::try_from(seconds.max(1)).unwrap_or(1)))
+    }
+
+    /// The Lease as this replica last wrote it, while it holds it.
+    fn own_lease(&self) -> Option<Lease> {
+        let state = self.state();
+        state.last_renew?;
+        state.observed.as_ref().filter(|seen| holder(&seen.lease) == self.config.identity).map(|s| s.lease.clone())
+    }
+
+    /// One step of client-go's `tryAcquireOrRenew`: renew what this replica holds, take over a
+    /// free or expired Lease, or report who holds it. Every write is conditional.
+    async fn try_acquire_or_renew(&self) -> Result<Attempt, kube::Error> {
+        // Leading: renew with the resourceVersion of our own last write, without a read.
+        if let Some(mut lease) = self.own_lease() {
+            let sent = Instant::now();
+            let mut spec = spec(&lease);
+            spec.renew_time = Some(now_micro());
+            spec.lease_duration_seconds = Some(self.lease_seconds());
+            lease.spec = Some(spec);
+            match self.leases.replace(&self.config.lease_name, &PostParams::default(), &lease).await {
+                Ok(written) => {
+                    self.observe(&written, Instant::now());
+                    return Ok(Attempt::Leading(sent));
+                }
+                // Someone else wrote the Lease: read it and decide as a candidate would.
+                Err(error) if is_conflict(&error) => {}
+                Err(error) => return Err(error),
+            }
+        }
+        let Some(current) = self.leases.get_opt(&self.config.lease_name).await? else {
+            return self.create().await;
+        };
+        let now = Instant::now();
+        self.observe(&current, now);
+        let current_holder = holder(&current).to_owned();
+        let ours = current_holder == self.config.identity;
+        if !ours && !current_holder.is_empty() && self.expiry().is_some_and(|expiry| now < expiry) {
+            return Ok(Attempt::HeldBy(current_holder));
+        }
+        let mut spec = spec(&current);
+        let now_time = now_micro();
+        if !ours {
+            spec.holder_identity = Some(self.config.identity.clone());
+            spec.acquire_time = Some(now_time.clone());
+            spec.lease_transitions = Some(spec.lease_transitions.unwrap_or(0) + 1);
+        }
+        spec.renew_time = Some(now_time);
+        spec.lease_duration_seconds = Some(self.lease_seconds());
+        let mut desired = current.clone();
+        desired.spec = Some(spec);
+        // `current` carries the resourceVersion read above: a racing writer makes this a 409.
+        let sent = Instant::now();
+        match self.leases.replace(&self.config.lease_name, &PostParams::default(), &desired).await {
+            Ok(written) => {
+                self.observe(&written, Instant::now());
+                Ok(Attempt::Leading(sent))
+            }
+            Err(error) if is_conflict(&error) => Ok(Attempt::Conflict),
+            Err(error) => Err(error),
+        }
+    }
+
+    /// Creates the Lease naming this replica; a 409 means another replica created it first.
+    async fn create(&self) -> Result<Attempt, kube::Error> {
+        let now = now_micro();
+        let lease = Lease {
+            metadata: ObjectMeta {
+                name: Some(self.config.lease_name.clone()),
+                namespace: Some(self.namespace.clone()),
+                ..ObjectMeta::default()
+            },
+            spec: Some(LeaseSpec {
+                holder_identity: Some(self.config.identity.clone()),
+                lease_duration_seconds: Some(self.lease_seconds()),
+                acquire_time: Some(now.clone()),
+                renew_time: Some(now),
+                lease_transitions: Some(0),
+                ..LeaseSpec::default()
+            }),
+        };
+        let sent = Instant::now();
+        match self.leases.create(&PostParams::default(), &lease).await {
+            Ok(created) => {
+                self.observe(&created, Instant::now());
+                Ok(Attempt::Leading(sent))
+            }
+            Err(error) if is_conflict(&error) => Ok(Attempt::Conflict),
+            Err(error) => Err(error),
+        }
+    }
+
+    /// One attempt bounded by the election request timeout and by `deadline`.
+    async fn attempt(&self, deadline: Option<Instant>) -> Result<Attempt, String> {
+        let limit = Instant::now() + self.config.request_timeout;
+        let limit = deadline.map_or(limit, |deadline| deadline.min(limit));
+        match tokio::time::timeout_at(limit, self.try_acquire_or_renew()).await {
+            Ok(Ok(attempt)) => Ok(attempt),
+            Ok(Err(error)) => Err(error.to_string()),
+            Err(_) => Err(format!("no answer within {:?}", limit.saturating_duration_since(Instant::now()))),
+        }
     }
 
     fn set_leading(&self, leading: bool) {
@@ -119,7 +280,8 @@ impl Elector {
         self.metrics.master_status.with_label_values(&[self.config.lease_name.as_str()]).set(i64::from(leading));
     }
 
-    fn renewed(&self) {
+    fn renewed(&self, sent: Instant) {
+        self.state().last_renew = Some(sent);
         self.health.heartbeat();
         self.metrics.last_renew.set(jiff::Timestamp::now().as_millisecond() as f64 / 1000.0);
     }
@@ -130,117 +292,129 @@ impl Elector {
         self.config.retry_period.mul_f64(1.0 + rand::random_range(0.0..0.2))
     }
 
-    /// Campaigns until this replica holds and has confirmed the Lease. Returns when it does the
-    /// instant of the acquisition (the renew deadline counts from there), or `None` on shutdown.
-    pub async fn acquire(&self, shutdown: &CancellationToken) -> Option<Instant> {
+    /// Campaigns until this replica holds the Lease, or until `shutdown` (`false`). Between
+    /// attempts it watches the Lease, so it notices a release at once and tries again the moment
+    /// the record it saw expires by its own clock, without waiting for its next poll.
+    pub async fn acquire(&self, shutdown: &CancellationToken) -> bool {
         tracing::info!(lease = %self.config.lease_name, namespace = %self.namespace, identity = %self.config.identity, "campaigning for leadership");
-        let mut observed_leader: Option<String> = None;
+        let selector = format!("metadata.name={}", self.config.lease_name);
+        let watch = watcher(self.leases.clone(), watcher::Config::default().fields(&selector)).default_backoff().fuse();
+        let mut watch = std::pin::pin!(watch);
+        let mut reported_holder: Option<String> = None;
         loop {
             self.health.heartbeat();
-            let attempt = Instant::now();
-            match tokio::time::timeout(self.config.renew_deadline, self.lock.try_acquire_or_renew()).await {
-                Ok(Ok(LeaseLockResult::Acquired(lease))) if self.is_me(&lease) => {
-                    match self.confirm(&lease, shutdown).await {
-                        None => return None,
-                        Some(false) => {}
-                        Some(true) => {
-                            self.renewed();
-                            self.set_leading(true);
-                            self.metrics.transitions.inc();
-                            tracing::info!(lease = %self.config.lease_name, identity = %self.config.identity, "became leader");
-                            return Some(attempt);
+            match self.attempt(None).await {
+                Ok(Attempt::Leading(sent)) => {
+                    self.renewed(sent);
+                    self.set_leading(true);
+                    self.metrics.transitions.inc();
+                    tracing::info!(lease = %self.config.lease_name, identity = %self.config.identity, "became leader");
+                    return true;
+                }
+                Ok(Attempt::HeldBy(leader)) => {
+                    if reported_holder.as_deref() != Some(leader.as_str()) {
+                        tracing::info!(%leader, "another replica leads");
+                        reported_holder = Some(leader);
+                    }
+                }
+                Ok(Attempt::Conflict) => tracing::info!("another replica wrote the lease first"),
+                Err(error) => tracing::warn!(%error, "leader election attempt failed"),
+            }
+            let next_poll = Instant::now() + self.jittered_retry();
+            let wake_at = self.expiry().map_or(next_poll, |expiry| expiry.min(next_poll));
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => return false,
+                    () = tokio::time::sleep_until(wake_at) => break,
+                    event = watch.next() => match event {
+                        Some(Ok(watcher::Event::Apply(lease) | watcher::Event::InitApply(lease))) => {
+                            self.observe(&lease, Instant::now());
+                            if holder(&lease).is_empty() {
+                                break;
+                            }
                         }
-                    }
+                        Some(Ok(watcher::Event::Delete(_))) => {
+                            self.state().observed = None;
+                            break;
+                        }
+                        Some(Ok(_)) => {}
+                        Some(Err(error)) => tracing::debug!(%error, "watching the lease failed; polling meanwhile"),
+                        None => {
+                            tokio::time::sleep_until(wake_at).await;
+                            break;
+                        }
+                    },
                 }
-                Ok(Ok(result)) => {
-                    let leader = result.lease().and_then(holder).map(str::to_owned);
-                    if leader != observed_leader {
-                        tracing::info!(leader = leader.as_deref().unwrap_or(""), "another replica leads");
-                        observed_leader = leader;
-                    }
-                }
-                Ok(Err(error)) => tracing::warn!(%error, "leader election attempt failed"),
-                Err(_) => tracing::warn!(timeout = ?self.config.renew_deadline, "leader election attempt timed out"),
-            }
-            tokio::select! {
-                () = shutdown.cancelled() => return None,
-                () = tokio::time::sleep(self.jittered_retry()) => {}
             }
         }
     }
 
-    /// After being told "acquired", waits a moment for any racing candidate's write to land and
-    /// re-reads the Lease: we lead only if it still names us with the acquire time we wrote.
-    /// `None` on shutdown.
-    async fn confirm(&self, ours: &Lease, shutdown: &CancellationToken) -> Option<bool> {
-        let settle = (self.config.retry_period / 2).min(Duration::from_secs(1));
-        tokio::select! {
-            () = shutdown.cancelled() => return None,
-            () = tokio::time::sleep(settle) => {}
-        }
-        match self.leases.get(&self.config.lease_name).await {
-            Ok(current) if self.is_me(&current) && acquire_time(&current) == acquire_time(ours) => Some(true),
-            Ok(current) => {
-                tracing::info!(leader = holder(&current).unwrap_or(""), "lost the race for the lease");
-                Some(false)
-            }
-            Err(error) => {
-                tracing::warn!(%error, "could not confirm the lease");
-                Some(false)
-            }
-        }
-    }
-
-    /// Renews every retry period while leading. Returns as soon as this replica can no longer be
-    /// sure it leads (no successful renewal within the renew deadline, or another holder), or on
-    /// shutdown.
-    pub async fn hold(&self, acquired_at: Instant, shutdown: &CancellationToken) -> LeadershipEnd {
-        let mut last_renew = acquired_at;
+    /// Renews every retry period until `stop` fires (between attempts, never during one), or
+    /// until this replica can no longer be sure it leads: no renewal succeeded within the renew
+    /// deadline, or another replica holds the Lease.
+    pub async fn keep_renewing(&self, stop: &CancellationToken) -> Result<(), LeadershipLost> {
+        let mut last_renew = self.state().last_renew.unwrap_or_else(Instant::now);
         loop {
+            let deadline = last_renew + self.config.renew_deadline;
+            let next = (Instant::now() + self.config.retry_period).min(deadline);
             tokio::select! {
-                () = shutdown.cancelled() => return LeadershipEnd::Shutdown,
-                () = tokio::time::sleep(self.config.retry_period) => {}
+                () = stop.cancelled() => return Ok(()),
+                () = tokio::time::sleep_until(next) => {}
             }
             self.health.heartbeat();
-            let deadline = last_renew + self.config.renew_deadline;
-            let attempt = Instant::now();
-            match tokio::time::timeout_at(deadline, self.lock.try_acquire_or_renew()).await {
-                Err(_) => {
-                    return self.lost(format!(
-                        "could not renew the lease within the renew deadline of {:?}",
-                        self.config.renew_deadline
-                    ));
+            if Instant::now() >= deadline {
+                return Err(self.lost(LeadershipLost::RenewDeadline(self.config.renew_deadline)));
+            }
+            match self.attempt(Some(deadline)).await {
+                Ok(Attempt::Leading(sent)) => {
+                    last_renew = sent;
+                    self.renewed(sent);
                 }
-                Ok(Ok(LeaseLockResult::Acquired(lease))) if self.is_me(&lease) => {
-                    last_renew = attempt;
-                    self.renewed();
-                }
-                Ok(Ok(result)) => {
-                    let leader = result.lease().and_then(holder).unwrap_or("").to_owned();
-                    return self.lost(format!("the lease is now held by {leader:?}"));
-                }
-                Ok(Err(error)) => {
-                    tracing::warn!(%error, "renewing the lease failed; retrying until the renew deadline");
-                    if Instant::now() >= deadline {
-                        return self.lost(format!("could not renew the lease within the renew deadline: {error}"));
-                    }
-                }
+                Ok(Attempt::HeldBy(leader)) => return Err(self.lost(LeadershipLost::HeldBy(leader))),
+                Ok(Attempt::Conflict) => tracing::warn!("renewing the lease met a concurrent write; reading it again"),
+                Err(error) => tracing::warn!(%error, "renewing the lease failed; retrying until the renew deadline"),
             }
         }
     }
 
-    fn lost(&self, reason: String) -> LeadershipEnd {
+    fn lost(&self, reason: LeadershipLost) -> LeadershipLost {
+        self.state().last_renew = None;
         self.set_leading(false);
         tracing::error!(%reason, "stopped leading");
-        LeadershipEnd::Lost(reason)
+        reason
     }
 
-    /// Releases the Lease so a standby takes over within about a second instead of a lease
-    /// duration. Call only after the controllers stopped.
-    pub async fn step_down(&self) {
+    /// Releases the Lease so a standby takes over at once instead of after a lease duration.
+    /// Only while this replica still holds it (renewed within the renew deadline), and only if
+    /// nobody wrote the Lease since (the write carries our last resourceVersion). Call after the
+    /// controllers stopped and [`Elector::keep_renewing`] returned.
+    pub async fn release(&self) {
+        let last_renew = self.state().last_renew.take();
         self.set_leading(false);
-        match tokio::time::timeout(self.config.renew_deadline, self.lock.step_down()).await {
-            Ok(Ok(())) => tracing::info!(lease = %self.config.lease_name, "released the lease"),
+        let Some(deadline) = last_renew.map(|at| at + self.config.renew_deadline) else {
+            tracing::info!("not releasing the lease: this replica does not hold it");
+            return;
+        };
+        let Some(mut lease) = self.state().observed.as_ref().map(|seen| seen.lease.clone()) else { return };
+        if Instant::now() >= deadline || holder(&lease) != self.config.identity {
+            tracing::warn!("not releasing the lease: it was not renewed within the renew deadline");
+            return;
+        }
+        let now = now_micro();
+        let mut spec = spec(&lease);
+        spec.holder_identity = Some(String::new());
+        spec.lease_duration_seconds = Some(1);
+        spec.acquire_time = Some(now.clone());
+        spec.renew_time = Some(now);
+        lease.spec = Some(spec);
+        let limit = deadline.min(Instant::now() + self.config.request_timeout);
+        let params = PostParams::default();
+        let release = self.leases.replace(&self.config.lease_name, &params, &lease);
+        match tokio::time::timeout_at(limit, release).await {
+            Ok(Ok(_)) => tracing::info!(lease = %self.config.lease_name, "released the lease"),
+            Ok(Err(error)) if is_conflict(&error) => {
+                tracing::warn!("not released: the lease changed since this replica last wrote it")
+            }
             Ok(Err(error)) => tracing::warn!(%error, "releasing the lease failed; it expires on its own"),
             Err(_) => tracing::warn!("releasing the lease timed out; it expires on its own"),
         }
@@ -248,6 +422,12 @@ impl Elector {
 
     /// Marks this replica as not leading (after a loss handled by the caller).
     pub fn mark_not_leading(&self) {
+        self.state().last_renew = None;
         self.set_leading(false);
     }
 }
+
+#[cfg(test)]
+pub(crate) mod fake;
+#[cfg(test)]
+mod tests;

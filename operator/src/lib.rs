@@ -1,6 +1,7 @@
 //! The example-operator process: configuration, leader election, HTTP endpoints, telemetry, and
 //! the wiring that runs the controllers of the `reconcilers` crate only while this replica leads.
 
+pub mod client;
 pub mod config;
 pub mod election;
 pub mod health;
@@ -15,31 +16,17 @@ use kube::Client;
 use tokio_util::sync::CancellationToken;
 
 use config::Config;
-use election::{Elector, LeaderMetrics, LeadershipEnd};
+use election::{Elector, LeaderMetrics};
 use health::Health;
 
 /// Exit code after losing leadership, as client-go operators exit non-zero then.
 pub const EXIT_LOST_LEADERSHIP: u8 = 1;
 
+/// Exit code when the controllers stopped on their own while this replica led.
+pub const EXIT_CONTROLLERS_FAILED: u8 = 3;
+
 /// The namespace a pod runs in, from its service-account mount.
 const IN_CLUSTER_NAMESPACE_FILE: &str = "/var/run/secrets/kubernetes.io/serviceaccount/namespace";
-
-/// A Kubernetes client for `config`, counting its requests in `rest_client_requests_total`.
-async fn client(config: &Config, metrics: &reconcilers::Metrics) -> Result<(Client, String)> {
-    let kube_config = match &config.kubeconfig {
-        Some(path) => {
-            let kubeconfig = kube::config::Kubeconfig::read_from(path)
-                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
-            kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?
-        }
-        None => kube::Config::infer().await.context("no kubeconfig and no in-cluster configuration")?,
-    };
-    let namespace = kube_config.default_namespace.clone();
-    let host = kube_config.cluster_url.host().unwrap_or_default().to_owned();
-    let client =
-        kube::client::ClientBuilder::try_from(kube_config)?.with_layer(&metrics.rest_client_layer(host)).build();
-    Ok((client, namespace))
-}
 
 /// Resolves once SIGTERM or SIGINT arrives.
 async fn termination_signal() {
@@ -68,7 +55,10 @@ pub async fn run(config: Config) -> Result<ExitCode> {
     registry.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
     let stale_after = config.election.as_ref().map(|e| e.lease_duration + e.retry_period * 2);
     let health = Arc::new(Health::new(stale_after));
-    let (client, kubeconfig_namespace) = client(&config, &metrics).await?;
+    let identity = config.election.as_ref().map_or("standalone", |e| e.identity.as_str()).to_owned();
+    let kube_config = client::kube_config(config.kubeconfig.as_deref()).await?;
+    let kubeconfig_namespace = kube_config.default_namespace.clone();
+    let client = client::build(kube_config, &identity, config.api_request_timeout, &metrics)?;
 
     let stop_serving = CancellationToken::new();
     let mut servers = Vec::new();
@@ -122,7 +112,11 @@ pub async fn run(config: Config) -> Result<ExitCode> {
                 .or_else(|| std::fs::read_to_string(IN_CLUSTER_NAMESPACE_FILE).ok().map(|ns| ns.trim().to_owned()))
                 .unwrap_or(kubeconfig_namespace);
             let leader_metrics = LeaderMetrics::register(&registry)?;
-            let elector = Elector::new(client.clone(), &namespace, election.clone(), leader_metrics, health.clone());
+            // The election has connections of its own: slow controller traffic never delays a renewal.
+            let election_config =
+                client::kube_config(config.election_kubeconfig.as_deref().or(config.kubeconfig.as_deref())).await?;
+            let election_client = client::build(election_config, &identity, election.request_timeout, &metrics)?;
+            let elector = Elector::new(election_client, &namespace, election.clone(), leader_metrics, health.clone());
             lead_while_elected(&elector, &client, &config, &metrics, &shutdown, election.reenter_on_loss).await
         }
     };
@@ -131,6 +125,18 @@ pub async fn run(config: Config) -> Result<ExitCode> {
         let _ = server.await;
     }
     Ok(code)
+}
+
+/// How one term of leadership ended.
+#[derive(Debug, PartialEq, Eq)]
+enum TermEnd {
+    /// Shutdown was requested; the controllers drained (or were aborted at the shutdown
+    /// timeout) while the lease was renewed throughout.
+    Shutdown,
+    /// The lease could not be renewed or another replica holds it; the controllers were aborted.
+    Lost,
+    /// The controllers stopped on their own while this replica led.
+    ControllersEnded,
 }
 
 /// The election loop: campaign, run the controllers while leading, stop them the moment
@@ -144,9 +150,9 @@ async fn lead_while_elected(
     reenter_on_loss: bool,
 ) -> ExitCode {
     loop {
-        let Some(acquired_at) = elector.acquire(shutdown).await else {
+        if !elector.acquire(shutdown).await {
             return ExitCode::SUCCESS;
-        };
+        }
         let stop_controllers = CancellationToken::new();
         let controllers = tokio::spawn(reconcilers::run(
             client.clone(),
@@ -154,29 +160,186 @@ async fn lead_while_elected(
             metrics.clone(),
             stop_controllers.clone(),
         ));
-        match elector.hold(acquired_at, shutdown).await {
-            LeadershipEnd::Shutdown => {
-                // Let in-flight reconciles finish, then release the lease for a fast hand-over.
-                stop_controllers.cancel();
-                let abort = controllers.abort_handle();
-                if tokio::time::timeout(config.shutdown_timeout, controllers).await.is_err() {
-                    tracing::warn!(timeout = ?config.shutdown_timeout, "controllers did not stop in time; aborting them");
-                    abort.abort();
-                }
-                elector.step_down().await;
+        match lead(elector, controllers, stop_controllers, shutdown, config.shutdown_timeout).await {
+            TermEnd::Shutdown => {
+                elector.release().await;
                 return ExitCode::SUCCESS;
             }
-            LeadershipEnd::Lost(_) => {
-                // No more writes: abort at once, dropping in-flight reconciles.
-                controllers.abort();
-                stop_controllers.cancel();
-                let _ = controllers.await;
+            TermEnd::ControllersEnded => {
+                elector.release().await;
+                return ExitCode::from(EXIT_CONTROLLERS_FAILED);
+            }
+            TermEnd::Lost => {
                 elector.mark_not_leading();
-                if !reenter_on_loss {
+                if !reenter_on_loss || shutdown.is_cancelled() {
                     return ExitCode::from(EXIT_LOST_LEADERSHIP);
                 }
                 tracing::info!("campaigning again after losing the lease");
             }
         }
+    }
+}
+
+/// One term of leadership: renews the lease while `controllers` run, through the shutdown drain
+/// too, and aborts them the moment the lease cannot be renewed. Returns once the controllers
+/// have completely stopped and renewing has stopped between two attempts, so the caller may
+/// release the lease.
+async fn lead(
+    elector: &Elector,
+    mut controllers: tokio::task::JoinHandle<()>,
+    stop_controllers: CancellationToken,
+    shutdown: &CancellationToken,
+    shutdown_timeout: std::time::Duration,
+) -> TermEnd {
+    let stop_renewing = CancellationToken::new();
+    let renewing = elector.keep_renewing(&stop_renewing);
+    let mut renewing = std::pin::pin!(renewing);
+    let mut drain_deadline: Option<tokio::time::Instant> = None;
+    let end = loop {
+        let drain_timeout = async {
+            match drain_deadline {
+                Some(deadline) => tokio::time::sleep_until(deadline).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            lost = &mut renewing => {
+                // No more writes: drop in-flight reconciles at once.
+                controllers.abort();
+                stop_controllers.cancel();
+                let _ = (&mut controllers).await;
+                if let Err(reason) = lost {
+                    tracing::error!(%reason, "aborted the controllers");
+                }
+                return TermEnd::Lost;
+            }
+            () = shutdown.cancelled(), if drain_deadline.is_none() => {
+                tracing::info!(timeout = ?shutdown_timeout, "stopping the controllers; renewing the lease until they have stopped");
+                stop_controllers.cancel();
+                drain_deadline = Some(tokio::time::Instant::now() + shutdown_timeout);
+            }
+            () = drain_timeout => {
+                tracing::warn!(timeout = ?shutdown_timeout, "controllers did not stop in time; aborting them");
+                controllers.abort();
+                let _ = (&mut controllers).await;
+                break TermEnd::Shutdown;
+            }
+            ended = &mut controllers => {
+                if drain_deadline.is_some() {
+                    break TermEnd::Shutdown;
+                }
+                match ended {
+                    Err(error) if error.is_panic() => tracing::error!("the controllers panicked while leading; stepping down"),
+                    _ => tracing::error!("the controllers stopped on their own while leading; stepping down"),
+                }
+                break TermEnd::ControllersEnded;
+            }
+        }
+    };
+    // Stop renewing between two attempts (never in the middle of one), so the release that
+    // follows carries the resourceVersion of our own last write.
+    stop_renewing.cancel();
+    match renewing.await {
+        Ok(()) => end,
+        Err(reason) => {
+            tracing::error!(%reason, "lost the lease while stopping");
+            TermEnd::Lost
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use tokio_util::sync::CancellationToken;
+
+    use super::*;
+    use crate::election::fake::{FakeLeases, elector, holder_in};
+
+    fn writes(fake: &Arc<Mutex<FakeLeases>>) -> usize {
+        fake.lock().map(|f| f.writes.len()).unwrap_or_default()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn controllers_that_stop_on_their_own_make_the_leader_step_down() -> anyhow::Result<()> {
+        for ending in [false, true] {
+            let fake = Arc::new(Mutex::new(FakeLeases::default()));
+            let a = elector(&fake, "a")?;
+            assert!(a.acquire(&CancellationToken::new()).await);
+            let controllers = tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                assert!(!ending, "a reconcile panicked");
+            });
+            let shutdown = CancellationToken::new();
+            let end = lead(&a, controllers, CancellationToken::new(), &shutdown, Duration::from_secs(20)).await;
+            assert_eq!(end, TermEnd::ControllersEnded);
+            a.release().await;
+            assert_eq!(holder_in(&fake), "", "released for a standby to take over at once");
+        }
+        Ok(())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_lease_is_renewed_through_the_shutdown_drain_then_released() -> anyhow::Result<()> {
+        let fake = Arc::new(Mutex::new(FakeLeases::default()));
+        let a = elector(&fake, "a")?;
+        assert!(a.acquire(&CancellationToken::new()).await);
+        let stop = CancellationToken::new();
+        // A reconcile stuck for 10 s, longer than the 4 s lease, finishing once stopped.
+        let controllers = tokio::spawn({
+            let stop = stop.clone();
+            async move {
+                stop.cancelled().await;
+                tokio::time::sleep(Duration::from_secs(10)).await;
+            }
+        });
+        let shutdown = CancellationToken::new();
+        shutdown.cancel();
+        let before = writes(&fake);
+        let started = tokio::time::Instant::now();
+        assert_eq!(lead(&a, controllers, stop, &shutdown, Duration::from_secs(20)).await, TermEnd::Shutdown);
+        assert!(started.elapsed() >= Duration::from_secs(10), "waited for the drain");
+        assert!(writes(&fake) - before >= 18, "renewed every 0.5 s during the drain: {}", writes(&fake) - before);
+        assert_eq!(holder_in(&fake), "a", "still held until released");
+        a.release().await;
+        assert_eq!(holder_in(&fake), "");
+        Ok(())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_drain_longer_than_the_shutdown_timeout_is_aborted() -> anyhow::Result<()> {
+        let fake = Arc::new(Mutex::new(FakeLeases::default()));
+        let a = elector(&fake, "a")?;
+        assert!(a.acquire(&CancellationToken::new()).await);
+        let controllers = tokio::spawn(std::future::pending::<()>());
+        let shutdown = CancellationToken::new();
+        shutdown.cancel();
+        let started = tokio::time::Instant::now();
+        let end = lead(&a, controllers, CancellationToken::new(), &shutdown, Duration::from_secs(5)).await;
+        assert_eq!(end, TermEnd::Shutdown);
+        assert!(started.elapsed() < Duration::from_secs(6), "aborted at the shutdown timeout");
+        Ok(())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_leader_that_cannot_renew_aborts_its_controllers_even_while_draining() -> anyhow::Result<()> {
+        let fake = Arc::new(Mutex::new(FakeLeases::default()));
+        let a = elector(&fake, "a")?;
+        assert!(a.acquire(&CancellationToken::new()).await);
+        let controllers = tokio::spawn(std::future::pending::<()>());
+        let abort = controllers.abort_handle();
+        let shutdown = CancellationToken::new();
+        shutdown.cancel();
+        if let Ok(mut fake) = fake.lock() {
+            fake.silent = true;
+        }
+        let started = tokio::time::Instant::now();
+        let end = lead(&a, controllers, CancellationToken::new(), &shutdown, Duration::from_secs(20)).await;
+        assert_eq!(end, TermEnd::Lost);
+        assert!(abort.is_finished(), "the controllers were aborted");
+        assert!(started.elapsed() <= Duration::from_secs(3), "within the renew deadline, not the 20 s drain");
+        Ok(())
     }
 }

@@ -48,6 +48,7 @@ pub struct ControllerContext<K: Resource<DynamicType = ()>> {
     pub client: Client,
     pub metrics: Metrics,
     recorder: Recorder,
+    reconcile_timeout: Duration,
     pending_events: std::sync::Mutex<tokio::task::JoinSet<()>>,
     backoff: PerObjectBackoff<ObjectRef<K>>,
 }
@@ -56,12 +57,20 @@ impl<K> ControllerContext<K>
 where
     K: Resource<DynamicType = ()> + Send + Sync + 'static,
 {
-    /// Plumbing for `controller`; `instance` (the pod name) tells replicas apart in events.
-    pub fn new(controller: &'static str, client: Client, metrics: Metrics, instance: Option<String>) -> Self {
+    /// Plumbing for `controller`; `instance` (the pod name) tells replicas apart in events; a
+    /// reconcile running longer than `reconcile_timeout` is cancelled and retried with backoff.
+    pub fn new(
+        controller: &'static str,
+        client: Client,
+        metrics: Metrics,
+        instance: Option<String>,
+        reconcile_timeout: Duration,
+    ) -> Self {
         let reporter = Reporter { controller: MANAGER.to_owned(), instance };
         Self {
             controller,
             recorder: Recorder::new(client.clone(), reporter),
+            reconcile_timeout,
             pending_events: std::sync::Mutex::default(),
             client,
             metrics,
@@ -86,7 +95,9 @@ where
         let workers = self.metrics.active_workers.with_label_values(&[self.controller]);
         workers.inc();
         let started = Instant::now();
-        let result = reconcile.instrument(span.clone()).await;
+        let result = tokio::time::timeout(self.reconcile_timeout, reconcile.instrument(span.clone()))
+            .await
+            .unwrap_or(Err(Error::Timeout(self.reconcile_timeout)));
         workers.dec();
         self.metrics
             .reconcile_time_seconds

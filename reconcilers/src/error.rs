@@ -35,12 +35,15 @@ pub enum Error {
     /// A patch body could not be built.
     #[error("building a patch failed: {0}")]
     Serialize(#[from] serde_json::Error),
+    /// The reconcile ran longer than the reconcile timeout and was cancelled; retried with backoff.
+    #[error("reconcile did not finish within {0:?}")]
+    Timeout(std::time::Duration),
 }
 
 impl Error {
     /// True when retrying later can succeed without anyone changing the spec.
     pub fn is_transient(&self) -> bool {
-        matches!(self, Error::Kube(_) | Error::MissingField(_))
+        matches!(self, Error::Kube(_) | Error::MissingField(_) | Error::Timeout(_))
     }
 
     /// Label value for `example_operator_reconcile_errors_by_reason_total`.
@@ -55,6 +58,7 @@ impl Error {
             Error::InvalidSelector(_) => "invalid_selector",
             Error::MissingField(_) => "missing_field",
             Error::Serialize(_) => "serialize",
+            Error::Timeout(_) => "timeout",
         }
     }
 }

@@ -87,6 +87,8 @@ pub struct Settings {
     /// Watch and manage only this namespace (MessageBroadcasts then copy only into it);
     /// `None` manages the whole cluster.
     pub watch_namespace: Option<String>,
+    /// A reconcile running longer than this is cancelled and retried with backoff.
+    pub reconcile_timeout: std::time::Duration,
 }
 
 impl Default for Settings {
@@ -97,6 +99,7 @@ impl Default for Settings {
             message_broadcast_concurrency: 2,
             instance: None,
             watch_namespace: None,
+            reconcile_timeout: std::time::Duration::from_secs(60),
         }
     }
 }
@@ -150,6 +153,7 @@ pub async fn run(client: Client, settings: Settings, metrics: Metrics, shutdown:
                 client.clone(),
                 metrics.clone(),
                 settings.instance.clone(),
+                settings.reconcile_timeout,
             ),
             config_maps: config_maps.store(),
             written: Default::default(),
@@ -183,6 +187,7 @@ pub async fn run(client: Client, settings: Settings, metrics: Metrics, shutdown:
                 client.clone(),
                 metrics.clone(),
                 settings.instance.clone(),
+                settings.reconcile_timeout,
             ),
             config_maps: config_maps.store(),
             namespaces: namespaces.store(),

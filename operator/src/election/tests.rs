@@ -1,0 +1,148 @@
+//! The election against an in-memory Lease endpoint that enforces resourceVersion
+//! preconditions like the API server, on tokio's paused clock (so "unchanged for the lease
+//! duration" is measured exactly). The end-to-end tests prove the same against the real API
+//! server with real processes, skewed clocks and injected network faults.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use k8s_openapi::jiff;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::fake::*;
+use super::*;
+
+#[tokio::test(start_paused = true)]
+async fn a_missing_lease_is_created_naming_this_replica() -> anyhow::Result<()> {
+    let fake = Arc::new(Mutex::new(FakeLeases::default()));
+    let a = elector(&fake, "a")?;
+    assert!(a.acquire(&CancellationToken::new()).await);
+    let lease = lease_in(&fake).ok_or_else(|| anyhow::anyhow!("no lease"))?;
+    assert_eq!(holder(&lease), "a");
+    assert_eq!(lease.spec.and_then(|s| s.lease_transitions), Some(0));
+    Ok(())
+}
+
+/// A live leader keeps changing the record; whatever its renewTime says (an hour ago: the
+/// candidate's clock is far ahead; an hour ahead: far behind), the candidate never takes it.
+/// Once the record stops changing, it takes over one lease duration later by its own clock.
+#[tokio::test(start_paused = true)]
+async fn expiry_is_judged_by_the_candidates_own_clock_never_by_timestamps() -> anyhow::Result<()> {
+    for skew in [-3600, 3600] {
+        let fake = Arc::new(Mutex::new(FakeLeases::default()));
+        let stamp = |offset: i64| jiff::Timestamp::now().checked_add(jiff::SignedDuration::from_secs(offset));
+        seed(&fake, held_by("leader", stamp(skew)?));
+        let leader_alive = CancellationToken::new();
+        let renewing = tokio::spawn({
+            let (fake, alive) = (fake.clone(), leader_alive.clone());
+            async move {
+                let mut beat = 0;
+                while !alive.is_cancelled() {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    beat += 1;
+                    if let Ok(mut fake) = fake.lock() {
+                        fake.store(held_by("leader", stamp(skew + beat).unwrap_or_default()));
+                    }
+                }
+            }
+        });
+        let b = elector(&fake, "b")?;
+        let shutdown = CancellationToken::new();
+        let campaign = tokio::time::timeout(Duration::from_secs(30), b.acquire(&shutdown)).await;
+        assert!(campaign.is_err(), "skew {skew}: took a live lease");
+        assert_eq!(holder_in(&fake), "leader");
+
+        leader_alive.cancel();
+        renewing.await?;
+        let died = Instant::now();
+        assert!(b.acquire(&shutdown).await);
+        let waited = died.elapsed();
+        assert_eq!(holder_in(&fake), "b");
+        // At least a lease duration after the last change; at most that plus one jittered poll.
+        assert!(waited >= Duration::from_millis(3500), "skew {skew}: took over after {waited:?}");
+        assert!(waited <= Duration::from_millis(4000 + 600), "skew {skew}: took over after {waited:?}");
+    }
+    Ok(())
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_takeover_that_races_another_write_gets_a_conflict_and_does_not_lead() -> anyhow::Result<()> {
+    let fake = Arc::new(Mutex::new(FakeLeases::default()));
+    seed(&fake, held_by("", jiff::Timestamp::now()));
+    // Between our read and our write, another candidate's takeover lands.
+    if let Ok(mut fake) = fake.lock() {
+        fake.before_put = Some(Box::new(|lease| *lease = Some(held_by("c", jiff::Timestamp::now()))));
+    }
+    let b = elector(&fake, "b")?;
+    assert_eq!(b.try_acquire_or_renew().await?, Attempt::Conflict);
+    assert_eq!(holder_in(&fake), "c");
+    // The next attempt reads the new holder and leaves it alone.
+    assert_eq!(b.try_acquire_or_renew().await?, Attempt::HeldBy("c".into()));
+    let writes = fake.lock().map(|f| f.writes.clone()).unwrap_or_default();
+    assert!(writes.iter().all(|(_, holder)| holder != "b"), "b wrote the lease: {writes:?}");
+    Ok(())
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_free_lease_is_taken_at_once_and_released_conditionally() -> anyhow::Result<()> {
+    let fake = Arc::new(Mutex::new(FakeLeases::default()));
+    seed(&fake, held_by("", jiff::Timestamp::now()));
+    let a = elector(&fake, "a")?;
+    let started = Instant::now();
+    assert!(a.acquire(&CancellationToken::new()).await);
+    assert!(started.elapsed() < Duration::from_millis(100), "a released lease is free at once");
+    let transitions = lease_in(&fake).and_then(|l| l.spec).and_then(|s| s.lease_transitions);
+    assert_eq!(transitions, Some(4));
+
+    a.release().await;
+    let released = lease_in(&fake).and_then(|l| l.spec).unwrap_or_default();
+    assert_eq!(released.holder_identity.as_deref(), Some(""));
+    assert_eq!(released.lease_duration_seconds, Some(1));
+
+    // Leading again, but someone else wrote the Lease since: the release must not touch it.
+    assert!(a.acquire(&CancellationToken::new()).await);
+    seed(&fake, held_by("intruder", jiff::Timestamp::now()));
+    a.release().await;
+    assert_eq!(holder_in(&fake), "intruder");
+    Ok(())
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_leader_cut_off_stops_exactly_at_the_renew_deadline_and_does_not_release() -> anyhow::Result<()> {
+    let fake = Arc::new(Mutex::new(FakeLeases::default()));
+    let a = elector(&fake, "a")?;
+    assert!(a.acquire(&CancellationToken::new()).await);
+    let renewing = CancellationToken::new();
+    // A few good renewals first.
+    let good = tokio::time::timeout(Duration::from_secs(2), a.keep_renewing(&renewing)).await;
+    assert!(good.is_err(), "renewing keeps going while the API server answers");
+    let writes_before = fake.lock().map(|f| f.writes.len()).unwrap_or_default();
+    assert!(writes_before >= 4, "renewed every retry period: {writes_before} writes");
+
+    if let Ok(mut fake) = fake.lock() {
+        fake.silent = true;
+    }
+    let cut_off = Instant::now();
+    let outcome = a.keep_renewing(&renewing).await;
+    assert_eq!(outcome, Err(LeadershipLost::RenewDeadline(Duration::from_secs(3))));
+    // The deadline counts from the last renewal that was sent, before the cut.
+    assert!(cut_off.elapsed() <= Duration::from_secs(3), "stopped after {:?}", cut_off.elapsed());
+    a.release().await;
+    let writes_after = fake.lock().map(|f| f.writes.len()).unwrap_or_default();
+    assert_eq!(writes_after, writes_before, "no write after losing the lease");
+    Ok(())
+}
+
+#[tokio::test(start_paused = true)]
+async fn renewing_stops_between_attempts_when_told() -> anyhow::Result<()> {
+    let fake = Arc::new(Mutex::new(FakeLeases::default()));
+    let a = elector(&fake, "a")?;
+    assert!(a.acquire(&CancellationToken::new()).await);
+    let stop = CancellationToken::new();
+    stop.cancel();
+    assert_eq!(a.keep_renewing(&stop).await, Ok(()));
+    a.release().await;
+    assert_eq!(holder_in(&fake), "");
+    Ok(())
+}
