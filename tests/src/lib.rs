@@ -2,6 +2,10 @@
 //! (or `cargo xtask cluster up`), one namespace per test, and polling with deadlines.
 //!
 //! Tests never skip: without a control plane they fail with the command that provides one.
+//! Namespaces and operator replicas are cleaned up by drop guards, even when a test fails early.
+
+pub mod audit;
+pub mod fault_proxy;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -9,7 +13,9 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
-use k8s_openapi::api::core::v1::Namespace;
+use crd_types::{MyResource, MyResourceSpec, Phase};
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Client, Config};
@@ -72,6 +78,37 @@ impl TestCluster {
             "current-context": name,
         });
         let path = std::env::temp_dir().join(format!("{name}-{:06x}.kubeconfig", rand::random::<u32>() & 0xff_ffff));
+        std::fs::write(&path, serde_yaml::to_string(&config)?)?;
+        Ok(path)
+    }
+
+    /// The API server's audit log (every write request, see [`audit`]).
+    pub fn audit_log(&self) -> PathBuf {
+        self.dir.join("audit.log")
+    }
+
+    /// The API server's address, for a [`fault_proxy::FaultProxy`] to forward to.
+    pub async fn api_server_address(&self) -> Result<std::net::SocketAddr> {
+        let admin = Config::from_custom_kubeconfig(
+            kube::config::Kubeconfig::read_from(&self.admin_kubeconfig)?,
+            &Default::default(),
+        )
+        .await?;
+        let host = admin.cluster_url.host().context("the API server URL names no host")?;
+        let port = admin.cluster_url.port_u16().context("the API server URL names no port")?;
+        Ok(std::net::SocketAddr::new(host.parse()?, port))
+    }
+
+    /// A copy of the administrator's kubeconfig that reaches the API server through a proxy on
+    /// loopback `port` (TLS still checks the API server's certificate, which names 127.0.0.1).
+    pub fn admin_kubeconfig_via(&self, port: u16) -> Result<PathBuf> {
+        let text = std::fs::read_to_string(&self.admin_kubeconfig)?;
+        let mut config: serde_yaml::Value = serde_yaml::from_str(&text)?;
+        let clusters = config["clusters"].as_sequence_mut().context("a kubeconfig with clusters")?;
+        for cluster in clusters {
+            cluster["cluster"]["server"] = serde_yaml::Value::from(format!("https://127.0.0.1:{port}"));
+        }
+        let path = std::env::temp_dir().join(format!("via-{port}-{:06x}.kubeconfig", rand::random::<u32>() & 0xff_ffff));
         std::fs::write(&path, serde_yaml::to_string(&config)?)?;
         Ok(path)
     }
@@ -160,10 +197,12 @@ pub async fn install_crds(client: &Client) -> Result<Vec<String>> {
     Ok(names)
 }
 
-/// A namespace of one's own, created with a unique name; deleted by [`TestNamespace::delete`].
+/// A namespace of one's own, created with a unique name. Deleted by [`TestNamespace::delete`],
+/// or when dropped (a test that fails early leaves nothing behind).
 pub struct TestNamespace {
     pub name: String,
     client: Client,
+    deleted: bool,
 }
 
 impl TestNamespace {
@@ -174,13 +213,96 @@ impl TestNamespace {
             "metadata": {"name": name, "labels": {"example-operator.test/e2e": "true"}}
         }))?;
         Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &namespace).await?;
-        Ok(Self { name, client: client.clone() })
+        Ok(Self { name, client: client.clone(), deleted: false })
     }
 
     /// Deletes the namespace; the namespace controller removes its contents.
-    pub async fn delete(self) -> Result<()> {
-        Api::<Namespace>::all(self.client).delete(&self.name, &DeleteParams::default()).await?;
+    pub async fn delete(mut self) -> Result<()> {
+        self.deleted = true;
+        Api::<Namespace>::all(self.client.clone()).delete(&self.name, &DeleteParams::default()).await?;
         Ok(())
+    }
+}
+
+impl Drop for TestNamespace {
+    fn drop(&mut self) {
+        if self.deleted {
+            return;
+        }
+        // Drop cannot await: kubectl does it, without waiting for the namespace controller.
+        if let Ok(cluster) = TestCluster::get() {
+            let _ = cluster.kubectl(&["delete", "namespace", &self.name, "--wait=false", "--ignore-not-found"]);
+        }
+    }
+}
+
+/// What most end-to-end tests start from: the cluster, an administrator client, the CRDs
+/// installed, and a namespace of the test's own (deleted when the fixture is dropped).
+pub struct Fixture {
+    pub cluster: TestCluster,
+    pub client: Client,
+    pub namespace: TestNamespace,
+    /// MyResources in the namespace.
+    pub resources: Api<MyResource>,
+    /// ConfigMaps in the namespace.
+    pub config_maps: Api<ConfigMap>,
+}
+
+impl Fixture {
+    /// A fixture whose namespace is named after `prefix`.
+    pub async fn new(prefix: &str) -> Result<Self> {
+        let cluster = TestCluster::get()?;
+        let client = cluster.admin_client().await?;
+        install_crds(&client).await?;
+        let namespace = TestNamespace::create(&client, prefix).await?;
+        Ok(Self {
+            resources: Api::namespaced(client.clone(), &namespace.name),
+            config_maps: Api::namespaced(client.clone(), &namespace.name),
+            cluster,
+            client,
+            namespace,
+        })
+    }
+
+    /// The namespace's name.
+    pub fn ns(&self) -> &str {
+        &self.namespace.name
+    }
+
+    /// Creates MyResource `name` holding `message`.
+    pub async fn create(&self, name: &str, message: &str) -> Result<MyResource> {
+        let resource = MyResource::new(name, MyResourceSpec { message: message.to_owned() });
+        Ok(self.resources.create(&PostParams::default(), &resource).await?)
+    }
+
+    /// Waits until MyResource `name` is Ready for its current generation.
+    pub async fn wait_ready(&self, name: &str, timeout: Duration) -> Result<MyResource> {
+        eventually(timeout, &format!("MyResource {name} to be Ready"), || async {
+            let resource = self.resources.get(name).await?;
+            let status = resource.status.clone().unwrap_or_default();
+            let current = status.observed_generation == resource.metadata.generation;
+            Ok((status.phase == Some(Phase::Ready) && current).then_some(resource))
+        })
+        .await
+    }
+
+    /// The holder the Lease `lease` in the namespace names, if it exists.
+    pub async fn lease_holder(&self, lease: &str) -> Result<Option<String>> {
+        let leases: Api<Lease> = Api::namespaced(self.client.clone(), self.ns());
+        Ok(leases.get_opt(lease).await?.and_then(|l| l.spec).and_then(|s| s.holder_identity))
+    }
+
+    /// Starts replica `identity` of the operator as the administrator, electing on `lease` in
+    /// the namespace and managing only it.
+    pub fn replica(&self, identity: &str, lease: &str, args: &[&str]) -> Result<OperatorProcess> {
+        OperatorProcess::spawn(&self.cluster.admin_kubeconfig, identity, lease, self.ns(), args, &[])
+    }
+
+    /// Proves "never two writers" among `replicas` on `lease` from the API server's audit log
+    /// (see [`audit::one_writer_at_a_time`]).
+    pub fn one_writer_at_a_time(&self, lease: &str, replicas: &[&str], one_term_each: bool) -> Result<audit::WriterReport> {
+        let writes = audit::read(&self.cluster.audit_log())?;
+        audit::one_writer_at_a_time(&writes, self.ns(), lease, replicas, one_term_each)
     }
 }
 

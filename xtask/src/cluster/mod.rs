@@ -42,6 +42,24 @@ pub struct ClusterState {
 /// Environment variable naming a running cluster's folder; the tests read their kubeconfigs there.
 pub const CLUSTER_DIR_ENV: &str = "EXAMPLE_OPERATOR_CLUSTER_DIR";
 
+/// The API server's audit log, in the cluster folder: one JSON event per write request.
+pub const AUDIT_LOG: &str = "audit.log";
+
+/// Records every write (not reads, which would swamp the log): Lease writes with their request
+/// body (who took the Lease, and when), every other write with its metadata (verb, object, user,
+/// User-Agent, receive time, response code).
+const AUDIT_POLICY: &str = r#"apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: ["RequestReceived"]
+rules:
+  - level: Request
+    resources: [{group: coordination.k8s.io, resources: [leases]}]
+    verbs: [create, update, patch, delete]
+  - level: Metadata
+    verbs: [create, update, patch, delete, deletecollection]
+  - level: None
+"#;
+
 fn state_file(root: &Path) -> PathBuf {
     root.join("target/cluster/state.json")
 }
@@ -162,6 +180,8 @@ fn start(binaries: &Binaries) -> Result<ClusterState> {
         wait_for(&state, "etcd to report healthy", Duration::from_secs(60), || etcd_healthy(etcd_client))?;
 
         let path = |p: &Path| p.display().to_string();
+        let audit_policy = dir.join("audit-policy.yaml");
+        std::fs::write(&audit_policy, AUDIT_POLICY).with_context(|| format!("writing {}", audit_policy.display()))?;
         let apiserver_args = vec![
             format!("--etcd-servers={etcd_url}"),
             "--bind-address=127.0.0.1".to_owned(),
@@ -177,6 +197,12 @@ fn start(binaries: &Binaries) -> Result<ClusterState> {
             "--service-cluster-ip-range=10.0.0.0/24".to_owned(),
             "--allow-privileged=true".to_owned(),
             "--profiling=false".to_owned(),
+            // Every write, with who sent it (User-Agent) and when the server received it: the
+            // record the tests prove "never two writers" from.
+            format!("--audit-policy-file={}", path(&audit_policy)),
+            format!("--audit-log-path={}", path(&dir.join(AUDIT_LOG))),
+            "--audit-log-format=json".to_owned(),
+            "--audit-log-mode=blocking".to_owned(),
         ];
         state.processes.push(process::spawn("kube-apiserver", &binaries.kube_apiserver, &apiserver_args, &logs)?);
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
