@@ -108,7 +108,8 @@ impl TestCluster {
         for cluster in clusters {
             cluster["cluster"]["server"] = serde_yaml::Value::from(format!("https://127.0.0.1:{port}"));
         }
-        let path = std::env::temp_dir().join(format!("via-{port}-{:06x}.kubeconfig", rand::random::<u32>() & 0xff_ffff));
+        let path =
+            std::env::temp_dir().join(format!("via-{port}-{:06x}.kubeconfig", rand::random::<u32>() & 0xff_ffff));
         std::fs::write(&path, serde_yaml::to_string(&config)?)?;
         Ok(path)
     }
@@ -300,7 +301,12 @@ impl Fixture {
 
     /// Proves "never two writers" among `replicas` on `lease` from the API server's audit log
     /// (see [`audit::one_writer_at_a_time`]).
-    pub fn one_writer_at_a_time(&self, lease: &str, replicas: &[&str], one_term_each: bool) -> Result<audit::WriterReport> {
+    pub fn one_writer_at_a_time(
+        &self,
+        lease: &str,
+        replicas: &[&str],
+        one_term_each: bool,
+    ) -> Result<audit::WriterReport> {
         let writes = audit::read(&self.cluster.audit_log())?;
         audit::one_writer_at_a_time(&writes, self.ns(), lease, replicas, one_term_each)
     }
