@@ -12,7 +12,6 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use kube::Client;
 use tokio_util::sync::CancellationToken;
 
 use config::Config;
@@ -98,11 +97,17 @@ pub async fn run(config: Config) -> Result<ExitCode> {
         }
     });
 
+    // Caches run on every replica from the start (a warm standby); controllers only while leading.
+    let stop_caches = CancellationToken::new();
+    let (caches, watching) =
+        reconcilers::Caches::new(client.clone(), config.controllers.clone(), metrics.clone(), stop_caches.clone());
+    let watching = tokio::spawn(watching);
+
     let code = match config.election.clone() {
         None => {
             tracing::info!("leader election disabled; starting controllers");
             health.set_leading(true);
-            reconcilers::run(client, config.controllers.clone(), metrics.clone(), shutdown.clone()).await;
+            caches.controllers(shutdown.clone()).await;
             ExitCode::SUCCESS
         }
         Some(election) => {
@@ -117,9 +122,11 @@ pub async fn run(config: Config) -> Result<ExitCode> {
                 client::kube_config(config.election_kubeconfig.as_deref().or(config.kubeconfig.as_deref())).await?;
             let election_client = client::build(election_config, &identity, election.request_timeout, &metrics)?;
             let elector = Elector::new(election_client, &namespace, election.clone(), leader_metrics, health.clone());
-            lead_while_elected(&elector, &client, &config, &metrics, &shutdown, election.reenter_on_loss).await
+            lead_while_elected(&elector, &caches, &config, &shutdown, election.reenter_on_loss).await
         }
     };
+    stop_caches.cancel();
+    let _ = watching.await;
     stop_serving.cancel();
     for server in servers {
         let _ = server.await;
@@ -143,9 +150,8 @@ enum TermEnd {
 /// leadership is in doubt.
 async fn lead_while_elected(
     elector: &Elector,
-    client: &Client,
+    caches: &reconcilers::Caches,
     config: &Config,
-    metrics: &reconcilers::Metrics,
     shutdown: &CancellationToken,
     reenter_on_loss: bool,
 ) -> ExitCode {
@@ -154,12 +160,7 @@ async fn lead_while_elected(
             return ExitCode::SUCCESS;
         }
         let stop_controllers = CancellationToken::new();
-        let controllers = tokio::spawn(reconcilers::run(
-            client.clone(),
-            config.controllers.clone(),
-            metrics.clone(),
-            stop_controllers.clone(),
-        ));
+        let controllers = tokio::spawn(caches.controllers(stop_controllers.clone()));
         match lead(elector, controllers, stop_controllers, shutdown, config.shutdown_timeout).await {
             TermEnd::Shutdown => {
                 elector.release().await;

@@ -20,6 +20,8 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 use crd_types::{MessageBroadcast, MyResource};
+use std::future::Future;
+
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
@@ -124,91 +126,131 @@ fn strip_namespace(namespace: &mut Namespace) {
     }
 }
 
-/// Runs the selected controllers over one shared cache per resource type until `shutdown`
-/// fires; returns once every controller has finished its in-flight reconciles.
-pub async fn run(client: Client, settings: Settings, metrics: Metrics, shutdown: CancellationToken) {
-    let wants = |kind| settings.controllers.contains(&kind);
-    let scope = settings.watch_namespace.as_deref();
-    // ConfigMaps are shared by both controllers; only those this operator manages are watched.
-    let config_maps = SharedCache::new(
-        scoped_api::<ConfigMap>(&client, scope),
-        watcher::Config::default().labels(&owned_config_map::managed_selector()).any_semantic(),
-        strip_metadata,
-        "configmaps",
-        metrics.clone(),
-    );
-    let mut tasks: Vec<BoxFuture<'static, ()>> = Vec::new();
+/// The shared caches the selected controllers read: one watch and one cache per resource type
+/// for the whole process. They run on every replica from the start, so a standby keeps them warm
+/// and starts reconciling at once when it becomes leader. Caches only read; the controllers,
+/// which write, run only while this replica leads ([`Caches::controllers`]).
+pub struct Caches {
+    client: Client,
+    settings: Settings,
+    metrics: Metrics,
+    config_maps: SharedCache<ConfigMap>,
+    resources: Option<SharedCache<MyResource>>,
+    broadcasts: Option<(SharedCache<MessageBroadcast>, SharedCache<Namespace>)>,
+}
 
-    if wants(ControllerKind::MyResource) {
-        let resources = SharedCache::new(
-            scoped_api::<MyResource>(&client, scope),
-            watcher::Config::default().any_semantic(),
+impl Caches {
+    /// The caches `settings` need, and the future that lists and watches them until `shutdown`.
+    pub fn new(
+        client: Client,
+        settings: Settings,
+        metrics: Metrics,
+        shutdown: CancellationToken,
+    ) -> (Self, impl Future<Output = ()> + Send + 'static) {
+        let wants = |kind| settings.controllers.contains(&kind);
+        let scope = settings.watch_namespace.as_deref();
+        let mut watches: Vec<BoxFuture<'static, ()>> = Vec::new();
+        // ConfigMaps are shared by both controllers; only those this operator manages are watched.
+        let (config_maps, watch) = SharedCache::new(
+            scoped_api::<ConfigMap>(&client, scope),
+            watcher::Config::default().labels(&owned_config_map::managed_selector()).any_semantic(),
             strip_metadata,
-            "myresources",
+            "configmaps",
             metrics.clone(),
         );
-        let context = Arc::new(my_resource::Context {
-            base: ControllerContext::new(
-                my_resource::CONTROLLER,
-                client.clone(),
+        watches.push(watch.run(shutdown.clone()).boxed());
+        let resources = wants(ControllerKind::MyResource).then(|| {
+            let (cache, watch) = SharedCache::new(
+                scoped_api::<MyResource>(&client, scope),
+                watcher::Config::default().any_semantic(),
+                strip_metadata,
+                "myresources",
                 metrics.clone(),
-                settings.instance.clone(),
-                settings.reconcile_timeout,
-            ),
-            config_maps: config_maps.store(),
-            written: Default::default(),
+            );
+            watches.push(watch.run(shutdown.clone()).boxed());
+            cache
         });
-        let concurrency = settings.my_resource_concurrency;
-        tasks.push(my_resource::controller(&resources, &config_maps, context, concurrency, shutdown.clone()).boxed());
-        tasks.push(resources.run(shutdown.clone()).boxed());
+        let broadcasts = wants(ControllerKind::MessageBroadcast).then(|| {
+            let (broadcasts, watch) = SharedCache::new(
+                Api::<MessageBroadcast>::all(client.clone()),
+                watcher::Config::default().any_semantic(),
+                strip_metadata,
+                "messagebroadcasts",
+                metrics.clone(),
+            );
+            watches.push(watch.run(shutdown.clone()).boxed());
+            let namespace_filter = match scope {
+                Some(namespace) => watcher::Config::default().fields(&format!("metadata.name={namespace}")),
+                None => watcher::Config::default(),
+            };
+            let (namespaces, watch) = SharedCache::new(
+                Api::<Namespace>::all(client.clone()),
+                namespace_filter.any_semantic(),
+                strip_namespace,
+                "namespaces",
+                metrics.clone(),
+            );
+            watches.push(watch.run(shutdown.clone()).boxed());
+            (broadcasts, namespaces)
+        });
+        let caches = Self { client, settings, metrics, config_maps, resources, broadcasts };
+        (caches, futures::future::join_all(watches).map(|_| ()))
     }
-    if wants(ControllerKind::MessageBroadcast) {
-        let broadcasts = SharedCache::new(
-            Api::<MessageBroadcast>::all(client.clone()),
-            watcher::Config::default().any_semantic(),
-            strip_metadata,
-            "messagebroadcasts",
-            metrics.clone(),
-        );
-        let namespace_filter = match scope {
-            Some(namespace) => watcher::Config::default().fields(&format!("metadata.name={namespace}")),
-            None => watcher::Config::default(),
-        };
-        let namespaces = SharedCache::new(
-            Api::<Namespace>::all(client.clone()),
-            namespace_filter.any_semantic(),
-            strip_namespace,
-            "namespaces",
-            metrics.clone(),
-        );
-        let context = Arc::new(message_broadcast::Context {
-            base: ControllerContext::new(
-                message_broadcast::CONTROLLER,
-                client.clone(),
-                metrics.clone(),
-                settings.instance.clone(),
-                settings.reconcile_timeout,
-            ),
-            config_maps: config_maps.store(),
-            namespaces: namespaces.store(),
-        });
-        let concurrency = settings.message_broadcast_concurrency;
-        tasks.push(
-            message_broadcast::controller(
-                &broadcasts,
-                &config_maps,
-                &namespaces,
+
+    fn context<K: kube::Resource<DynamicType = ()> + Send + Sync + 'static>(
+        &self,
+        controller: &'static str,
+    ) -> ControllerContext<K> {
+        ControllerContext::new(
+            controller,
+            self.client.clone(),
+            self.metrics.clone(),
+            self.settings.instance.clone(),
+            self.settings.reconcile_timeout,
+        )
+    }
+
+    /// The selected controllers over these caches: they subscribe now (replaying what the caches
+    /// hold), start reconciling once every cache they read has synced, and run until `stop`
+    /// fires; the future then resolves once their in-flight reconciles finished.
+    pub fn controllers(&self, stop: CancellationToken) -> impl Future<Output = ()> + Send + 'static {
+        let mut tasks: Vec<BoxFuture<'static, ()>> = Vec::new();
+        if let Some(resources) = &self.resources {
+            let context = Arc::new(my_resource::Context {
+                base: self.context(my_resource::CONTROLLER),
+                config_maps: self.config_maps.store(),
+                written: Default::default(),
+            });
+            let concurrency = self.settings.my_resource_concurrency;
+            tasks.push(
+                my_resource::controller(resources, &self.config_maps, context, concurrency, stop.clone()).boxed(),
+            );
+        }
+        if let Some((broadcasts, namespaces)) = &self.broadcasts {
+            let context = Arc::new(message_broadcast::Context {
+                base: self.context(message_broadcast::CONTROLLER),
+                config_maps: self.config_maps.store(),
+                namespaces: namespaces.store(),
+            });
+            let concurrency = self.settings.message_broadcast_concurrency;
+            let controller = message_broadcast::controller(
+                broadcasts,
+                &self.config_maps,
+                namespaces,
                 context,
                 concurrency,
-                shutdown.clone(),
-            )
-            .boxed(),
-        );
-        tasks.push(broadcasts.run(shutdown.clone()).boxed());
-        tasks.push(namespaces.run(shutdown.clone()).boxed());
+                stop.clone(),
+            );
+            tasks.push(controller.boxed());
+        }
+        futures::future::join_all(tasks).map(|_| ())
     }
-    if !tasks.is_empty() {
-        tasks.push(config_maps.run(shutdown.clone()).boxed());
-    }
-    futures::future::join_all(tasks).await;
+}
+
+/// Runs the selected controllers over their shared caches until `shutdown` fires; returns once
+/// every controller has finished its in-flight reconciles. (Without leader election; with it,
+/// the binary runs the caches all along and the controllers only while leading.)
+pub async fn run(client: Client, settings: Settings, metrics: Metrics, shutdown: CancellationToken) {
+    let (caches, watching) = Caches::new(client, settings, metrics, shutdown.clone());
+    futures::future::join(watching, caches.controllers(shutdown)).await;
 }

@@ -23,15 +23,28 @@ use crate::metrics::Metrics;
 /// How many change notifications may wait for the slowest subscriber before the watch pauses.
 const SUBSCRIBER_BUFFER: usize = 1024;
 
-/// A watched, locally cached resource type whose changes fan out to any number of subscribers.
+/// Read side of a watched, locally cached resource type: the store, and change notifications
+/// for any number of subscribers. Cheap to clone. The watch itself is a [`CacheWatch`], run on
+/// every replica (leader or standby), so a replica that starts leading finds its caches warm.
 pub struct SharedCache<K: Resource<DynamicType = ()> + Clone + 'static> {
+    store: Store<K>,
+    subscribers: async_broadcast::InactiveReceiver<Arc<K>>,
+}
+
+impl<K: Resource<DynamicType = ()> + Clone + 'static> Clone for SharedCache<K> {
+    fn clone(&self) -> Self {
+        Self { store: self.store.clone(), subscribers: self.subscribers.clone() }
+    }
+}
+
+/// The list-and-watch that fills a [`SharedCache`]; never writes to the cluster.
+pub struct CacheWatch<K: Resource<DynamicType = ()> + Clone + 'static> {
     api: Api<K>,
     config: watcher::Config,
     strip: fn(&mut K),
     store: Store<K>,
     writer: reflector::store::Writer<K>,
     sender: async_broadcast::Sender<Arc<K>>,
-    subscribers: async_broadcast::InactiveReceiver<Arc<K>>,
     resource: &'static str,
     metrics: Metrics,
 }
@@ -41,23 +54,21 @@ where
     K: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
 {
     /// A cache of the objects `api` and `config` select, each passed through `strip` before it is
-    /// stored (drop what no reconciler reads). Nothing is watched until [`SharedCache::run`].
+    /// stored (drop what no reconciler reads). Nothing is watched until the [`CacheWatch`] runs.
     pub fn new(
         api: Api<K>,
         config: watcher::Config,
         strip: fn(&mut K),
         resource: &'static str,
         metrics: Metrics,
-    ) -> Self {
-        let (writer, store) = {
-            let (store, writer) = reflector::store();
-            (writer, store)
-        };
+    ) -> (Self, CacheWatch<K>) {
+        let (store, writer) = reflector::store();
         let (mut sender, receiver) = async_broadcast::broadcast(SUBSCRIBER_BUFFER);
         // Back-pressure instead of dropping: a lagging controller must not miss a change.
         sender.set_overflow(false);
         sender.set_await_active(false);
-        Self { api, config, strip, store, writer, sender, subscribers: receiver.deactivate(), resource, metrics }
+        let watch = CacheWatch { api, config, strip, store: store.clone(), writer, sender, resource, metrics };
+        (Self { store, subscribers: receiver.deactivate() }, watch)
     }
 
     /// Read handle on the cached objects.
@@ -71,17 +82,27 @@ where
         Box::pin(async move { store.wait_until_ready().await.is_ok() })
     }
 
-    /// A stream of every object that changed or disappeared, starting with the whole cache once
-    /// the first list completes. Subscribe before [`SharedCache::run`] and keep polling it.
+    /// A stream of every cached object (once the first list completed), then of every object
+    /// that changes or disappears. Subscribing late, as a replica that has just started leading
+    /// does, replays what the cache holds; an object may come twice, never not at all.
     pub fn subscribe(&self) -> impl Stream<Item = Arc<K>> + Send + 'static {
-        self.subscribers.activate_cloned()
+        use futures::FutureExt;
+        let live = self.subscribers.activate_cloned();
+        // Taken after subscribing: whatever changes from here on also arrives live.
+        let synced = self.store.wait_until_ready().now_or_never().is_some_and(|ready| ready.is_ok());
+        let cached = if synced { self.store.state() } else { Vec::new() };
+        futures::stream::iter(cached).chain(live)
     }
+}
 
+impl<K> CacheWatch<K>
+where
+    K: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
+{
     /// Lists and watches until `shutdown` fires, keeping the store current and notifying
     /// subscribers. Watch errors (including 410 Gone) are retried with backoff by relisting.
     pub async fn run(self, shutdown: CancellationToken) {
-        let Self { api, config, strip, store, mut writer, sender, subscribers, resource, metrics } = self;
-        drop(subscribers);
+        let Self { api, config, strip, store, mut writer, sender, resource, metrics } = self;
         let events = watch::watcher(api, config).default_backoff().modify(strip);
         let mut events = std::pin::pin!(events);
         loop {
@@ -98,7 +119,7 @@ where
                 Some(Ok(event)) => {
                     let changed = apply(&store, &mut writer, event, resource, &metrics);
                     for object in changed {
-                        // An error only means no controller is subscribed right now.
+                        // An error only means no controller is subscribed right now (a standby).
                         let _ = sender.broadcast_direct(object).await;
                     }
                     metrics.cache_objects.with_label_values(&[resource]).set(store.len() as i64);

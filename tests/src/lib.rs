@@ -20,9 +20,7 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Client, Config};
 
-/// Names the folder of the running local control plane (set by `cargo xtask test` and by
-/// `eval "$(cargo xtask cluster env)"`).
-pub const CLUSTER_DIR_ENV: &str = "EXAMPLE_OPERATOR_CLUSTER_DIR";
+pub use xtask::harness::{CLUSTER_DIR_ENV, client_for, free_port, http_get, sample, sum_samples};
 
 /// The local control plane the tests run against.
 #[derive(Clone, Debug)]
@@ -84,7 +82,7 @@ impl TestCluster {
 
     /// The API server's audit log (every write request, see [`audit`]).
     pub fn audit_log(&self) -> PathBuf {
-        self.dir.join("audit.log")
+        self.dir.join(xtask::harness::AUDIT_LOG)
     }
 
     /// The API server's address, for a [`fault_proxy::FaultProxy`] to forward to.
@@ -146,13 +144,6 @@ impl TestCluster {
         }
         Ok(child.wait_with_output()?)
     }
-}
-
-/// A client for the identity in `kubeconfig`.
-pub async fn client_for(kubeconfig: &Path) -> Result<Client> {
-    let kubeconfig = kube::config::Kubeconfig::read_from(kubeconfig)?;
-    let config = Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?;
-    Ok(Client::try_from(config)?)
 }
 
 /// The generated CRD files in the chart, as a user would `kubectl apply -f` them.
@@ -408,38 +399,6 @@ fn ensure_file(path: &Path) -> Result<()> {
         bail!("{} does not exist; build it with `cargo build -p operator`", path.display());
     }
     Ok(())
-}
-
-/// A free port on 127.0.0.1.
-pub fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-/// GETs `path` from `127.0.0.1:port` over plain HTTP/1.0; returns the status code and body.
-pub async fn http_get(port: u16, path: &str) -> Result<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-    stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes()).await?;
-    let mut response = String::new();
-    tokio::time::timeout(Duration::from_secs(10), stream.read_to_string(&mut response)).await??;
-    let (head, body) = response.split_once("\r\n\r\n").context("an HTTP response")?;
-    let code = head.split_whitespace().nth(1).context("a status code")?.parse()?;
-    Ok((code, body.to_owned()))
-}
-
-/// The value of the sample `series` (name with labels exactly as exposed, e.g.
-/// `leader_election_master_status{name="x"}`) in a Prometheus text exposition.
-pub fn sample(exposition: &str, series: &str) -> Option<f64> {
-    exposition.lines().find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
-}
-
-/// Sum of every sample of metric `name` whose labels include `label` (e.g. `controller="myresource"`).
-pub fn sum_samples(exposition: &str, name: &str, label: &str) -> f64 {
-    exposition
-        .lines()
-        .filter(|line| line.starts_with(&format!("{name}{{")) && line.contains(label))
-        .filter_map(|line| line.rsplit_once(' ')?.1.parse::<f64>().ok())
-        .sum()
 }
 
 /// Waits for the operator's "serving HTTP" log line and returns the port it names.

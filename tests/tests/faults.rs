@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use anyhow::{Result, ensure};
 use crd_types::{MyResource, MyResourceSpec, Phase};
-use e2e_tests::{OperatorProcess, TEST_LEASE, TestCluster, TestNamespace, cluster_component, eventually, install_crds};
+use e2e_tests::{Fixture, OperatorProcess, TEST_LEASE, cluster_component, eventually};
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::Client;
@@ -135,27 +135,11 @@ impl LeaderSampler {
     }
 }
 
-struct Fixture {
-    cluster: TestCluster,
-    client: Client,
-    namespace: TestNamespace,
-    resources: Api<MyResource>,
-}
-
-async fn fixture(prefix: &str) -> Result<Fixture> {
-    let cluster = TestCluster::get()?;
-    let client = cluster.admin_client().await?;
-    install_crds(&client).await?;
-    let namespace = TestNamespace::create(&client, prefix).await?;
-    let resources = Api::namespaced(client.clone(), &namespace.name);
-    Ok(Fixture { cluster, client, namespace, resources })
-}
-
 #[tokio::test]
 async fn an_api_server_restart_under_load_loses_nothing() -> Result<()> {
     let _serial = ONE_AT_A_TIME.lock().await;
-    let f = fixture("fault-apiserver").await?;
-    let ns = f.namespace.name.clone();
+    let f = Fixture::new("fault-apiserver").await?;
+    let ns = f.ns().to_owned();
     let timing = RIDE_OUT_RESTARTS;
     let a = OperatorProcess::spawn(&f.cluster.admin_kubeconfig, "load-a", "fault-leader", &ns, &timing, &[])?;
     let b = OperatorProcess::spawn(&f.cluster.admin_kubeconfig, "load-b", "fault-leader", &ns, &timing, &[])?;
@@ -173,14 +157,17 @@ async fn an_api_server_restart_under_load_loses_nothing() -> Result<()> {
     all_converged(&client, &ns, count, "second", Duration::from_secs(180)).await?;
     let most = sampler.finish().await;
     ensure!(most <= 1, "{most} replicas led at once");
-    f.namespace.delete().await
+    // What the API server recorded: never two writers, across the restart too.
+    let report = f.one_writer_at_a_time("fault-leader", &["load-a", "load-b"], false)?;
+    ensure!(report.writes_of("load-a") + report.writes_of("load-b") >= count, "{report:?}");
+    Ok(())
 }
 
 #[tokio::test]
 async fn etcd_compaction_makes_watches_relist_and_everything_converges() -> Result<()> {
     let _serial = ONE_AT_A_TIME.lock().await;
-    let f = fixture("fault-compaction").await?;
-    let ns = f.namespace.name.clone();
+    let f = Fixture::new("fault-compaction").await?;
+    let ns = f.ns().to_owned();
     let operator = OperatorProcess::spawn(
         &f.cluster.admin_kubeconfig,
         "compacted",
@@ -213,14 +200,14 @@ async fn etcd_compaction_makes_watches_relist_and_everything_converges() -> Resu
     })
     .await?;
     ensure!(after > before, "relists: {before} → {after}");
-    f.namespace.delete().await
+    Ok(())
 }
 
 #[tokio::test]
 async fn killing_the_leader_under_load_loses_and_duplicates_nothing() -> Result<()> {
     let _serial = ONE_AT_A_TIME.lock().await;
-    let f = fixture("fault-kill").await?;
-    let ns = f.namespace.name.clone();
+    let f = Fixture::new("fault-kill").await?;
+    let ns = f.ns().to_owned();
     let mut a = OperatorProcess::spawn(&f.cluster.admin_kubeconfig, "kill-a", "kill-leader", &ns, &TEST_LEASE, &[])?;
     let b = OperatorProcess::spawn(&f.cluster.admin_kubeconfig, "kill-b", "kill-leader", &ns, &TEST_LEASE, &[])?;
     let sampler = LeaderSampler::start(vec![a.metrics_port, b.metrics_port], "kill-leader".into());
@@ -242,14 +229,16 @@ async fn killing_the_leader_under_load_loses_and_duplicates_nothing() -> Result<
     all_converged(&f.client, &ns, count, "second", Duration::from_secs(180)).await?;
     let most = sampler.finish().await;
     ensure!(most <= 1, "{most} replicas led at once");
-    f.namespace.delete().await
+    let report = f.one_writer_at_a_time("kill-leader", &["kill-a", "kill-b"], true)?;
+    ensure!(report.writes_of("kill-a") + report.writes_of("kill-b") >= count, "{report:?}");
+    Ok(())
 }
 
 #[tokio::test]
 async fn the_garbage_collector_catches_up_after_an_outage() -> Result<()> {
     let _serial = ONE_AT_A_TIME.lock().await;
-    let f = fixture("fault-gc").await?;
-    let ns = f.namespace.name.clone();
+    let f = Fixture::new("fault-gc").await?;
+    let ns = f.ns().to_owned();
     let _operator = OperatorProcess::spawn(&f.cluster.admin_kubeconfig, "gc", "gc-leader", &ns, &TEST_LEASE, &[])?;
     let count = objects();
     create_many(&f.resources, count, "first").await?;
@@ -273,5 +262,5 @@ async fn the_garbage_collector_catches_up_after_an_outage() -> Result<()> {
         Ok(config_maps.list(&managed).await?.items.is_empty().then_some(()))
     })
     .await?;
-    f.namespace.delete().await
+    Ok(())
 }

@@ -6,36 +6,14 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use crd_types::{ConditionStatus, MyResource, MyResourceSpec, Phase};
-use e2e_tests::{RunningControllers, TestCluster, TestNamespace, eventually, install_crds, stdout_of};
+use e2e_tests::{Fixture, RunningControllers, TestCluster, eventually, stdout_of};
 use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::api::events::v1::Event;
+use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
-use kube::{Client, ResourceExt};
 use serde_json::json;
 
 const CONVERGE: Duration = Duration::from_secs(30);
-
-struct Fixture {
-    cluster: TestCluster,
-    namespace: TestNamespace,
-    resources: Api<MyResource>,
-    config_maps: Api<ConfigMap>,
-    client: Client,
-}
-
-async fn fixture(prefix: &str) -> Result<Fixture> {
-    let cluster = TestCluster::get()?;
-    let client = cluster.admin_client().await?;
-    install_crds(&client).await?;
-    let namespace = TestNamespace::create(&client, prefix).await?;
-    Ok(Fixture {
-        resources: Api::namespaced(client.clone(), &namespace.name),
-        config_maps: Api::namespaced(client.clone(), &namespace.name),
-        cluster,
-        namespace,
-        client,
-    })
-}
 
 async fn create(resources: &Api<MyResource>, name: &str, message: &str) -> Result<MyResource> {
     let resource = MyResource::new(name, MyResourceSpec { message: message.to_owned() });
@@ -64,7 +42,7 @@ async fn wait_for_message(config_maps: &Api<ConfigMap>, name: &str, message: &st
 
 #[tokio::test]
 async fn creating_a_my_resource_creates_its_config_map_and_reports_ready() -> Result<()> {
-    let f = fixture("mr-create").await?;
+    let f = Fixture::new("mr-create").await?;
     let controllers = RunningControllers::start_in(&f.cluster, &f.namespace.name).await?;
     let created = create(&f.resources, "hello", "Hello, World!").await?;
 
@@ -106,7 +84,7 @@ async fn creating_a_my_resource_creates_its_config_map_and_reports_ready() -> Re
 
 #[tokio::test]
 async fn spec_updates_reach_the_config_map_and_observed_generation_follows() -> Result<()> {
-    let f = fixture("mr-update").await?;
+    let f = Fixture::new("mr-update").await?;
     let controllers = RunningControllers::start_in(&f.cluster, &f.namespace.name).await?;
     create(&f.resources, "greeting", "first").await?;
     wait_for_phase(&f.resources, "greeting", Phase::Ready).await?;
@@ -143,7 +121,7 @@ async fn spec_updates_reach_the_config_map_and_observed_generation_follows() -> 
 
 #[tokio::test]
 async fn a_config_map_edited_or_deleted_by_hand_is_restored() -> Result<()> {
-    let f = fixture("mr-drift").await?;
+    let f = Fixture::new("mr-drift").await?;
     let controllers = RunningControllers::start_in(&f.cluster, &f.namespace.name).await?;
     create(&f.resources, "drift", "the truth").await?;
     wait_for_message(&f.config_maps, "drift-configmap", "the truth").await?;
@@ -178,7 +156,7 @@ async fn a_config_map_edited_or_deleted_by_hand_is_restored() -> Result<()> {
 
 #[tokio::test]
 async fn deleting_a_my_resource_lets_the_garbage_collector_remove_its_config_map() -> Result<()> {
-    let f = fixture("mr-delete").await?;
+    let f = Fixture::new("mr-delete").await?;
     let controllers = RunningControllers::start_in(&f.cluster, &f.namespace.name).await?;
     create(&f.resources, "short-lived", "bye").await?;
     wait_for_message(&f.config_maps, "short-lived-configmap", "bye").await?;
@@ -194,7 +172,7 @@ async fn deleting_a_my_resource_lets_the_garbage_collector_remove_its_config_map
 
 #[tokio::test]
 async fn a_foreign_config_map_is_never_overwritten() -> Result<()> {
-    let f = fixture("mr-foreign").await?;
+    let f = Fixture::new("mr-foreign").await?;
     let foreign: ConfigMap = serde_json::from_value(json!({
         "metadata": {"name": "taken-configmap"},
         "data": {"message": "not yours"}
@@ -239,7 +217,7 @@ async fn a_foreign_config_map_is_never_overwritten() -> Result<()> {
 
 #[tokio::test]
 async fn a_name_too_long_for_its_config_map_fails_once_without_a_hot_loop() -> Result<()> {
-    let f = fixture("mr-long").await?;
+    let f = Fixture::new("mr-long").await?;
     let controllers = RunningControllers::start_in(&f.cluster, &f.namespace.name).await?;
     // 250 characters is a valid MyResource name; "-configmap" makes it 260, over the 253 limit.
     let name = "a".repeat(250);
@@ -262,7 +240,7 @@ async fn a_name_too_long_for_its_config_map_fails_once_without_a_hot_loop() -> R
 
 #[tokio::test]
 async fn restarting_the_controllers_over_an_in_sync_namespace_writes_nothing() -> Result<()> {
-    let f = fixture("mr-restart").await?;
+    let f = Fixture::new("mr-restart").await?;
     let first = RunningControllers::start_in(&f.cluster, &f.namespace.name).await?;
     for i in 0..10 {
         create(&f.resources, &format!("steady-{i}"), &format!("message {i}")).await?;
@@ -289,7 +267,7 @@ async fn restarting_the_controllers_over_an_in_sync_namespace_writes_nothing() -
 
 #[tokio::test]
 async fn two_hundred_my_resources_created_at_once_all_converge() -> Result<()> {
-    let f = fixture("mr-many").await?;
+    let f = Fixture::new("mr-many").await?;
     let controllers = RunningControllers::start_in(&f.cluster, &f.namespace.name).await?;
     let creates = (0..200).map(|i| {
         let resources = f.resources.clone();
@@ -336,7 +314,7 @@ fn grant(cluster: &TestCluster, namespace: &str, rules: serde_json::Value) -> Re
 
 #[tokio::test]
 async fn forbidden_writes_are_retried_with_backoff_until_rbac_allows_them() -> Result<()> {
-    let f = fixture("mr-backoff").await?;
+    let f = Fixture::new("mr-backoff").await?;
     let ns = f.namespace.name.clone();
     let read_only = json!([
         {"apiGroups": ["example.com"], "resources": ["myresources"], "verbs": ["get", "list", "watch"]},

@@ -22,6 +22,7 @@ use serde_json::json;
 use tokio::process::{Child, Command};
 
 use crate::cluster;
+use crate::harness::{free_port, http_get, sum_samples};
 
 /// Reconciles at once, for the operator, the peer and the bare client alike.
 const CONCURRENCY: usize = 4;
@@ -154,7 +155,7 @@ impl Process {
     }
 
     async fn metrics(&self) -> Result<String> {
-        http_get(self.metrics_port, "/metrics").await
+        Ok(http_get(self.metrics_port, "/metrics").await?.1)
     }
 
     fn signal(&self, signal: nix::sys::signal::Signal) -> Result<()> {
@@ -169,24 +170,6 @@ impl Process {
     }
 }
 
-async fn http_get(port: u16, path: &str) -> Result<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-    stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes()).await?;
-    let mut response = String::new();
-    tokio::time::timeout(Duration::from_secs(10), stream.read_to_string(&mut response)).await??;
-    Ok(response.split_once("\r\n\r\n").map(|(_, body)| body.to_owned()).unwrap_or_default())
-}
-
-/// Sum of the samples of `name` whose line contains `filter`.
-fn metric_sum(exposition: &str, name: &str, filter: &str) -> f64 {
-    exposition
-        .lines()
-        .filter(|l| (l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} "))) && l.contains(filter))
-        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
-        .fold(0.0, |sum, value| sum + value)
-}
-
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -196,13 +179,9 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 impl Bench {
-    fn free_port() -> Result<u16> {
-        Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-    }
-
     /// Starts the release operator; `namespace` scopes it (and holds its lease) when given.
     fn start_operator(&self, identity: &str, namespace: Option<&str>, extra: &[&str]) -> Result<Process> {
-        let metrics_port = Self::free_port()?;
+        let metrics_port = free_port()?;
         let log = std::fs::File::create(std::env::temp_dir().join(format!("bench-{identity}.log")))?;
         let mut command = Command::new(&self.operator);
         command
@@ -359,9 +338,9 @@ impl Bench {
         self.namespace(&ns, json!({})).await?;
         let operator = self.start_operator("bench-operator", Some(&ns), &["--leader-elect=false"])?;
         wait_for_metrics(&operator).await?;
-        let before = metric_sum(&operator.metrics().await?, "rest_client_requests_total", "");
+        let before = sum_samples(&operator.metrics().await?, "rest_client_requests_total", "");
         results.operator_converge_s = self.converge(&ns).await?;
-        let after = metric_sum(&operator.metrics().await?, "rest_client_requests_total", "");
+        let after = sum_samples(&operator.metrics().await?, "rest_client_requests_total", "");
         results.requests_per_object = (after - before) / self.objects as f64;
         eprintln!(
             "operator: {:.2}s, {:.2} requests per object",
@@ -381,10 +360,10 @@ impl Bench {
         let deadline = Instant::now() + Duration::from_secs(600);
         loop {
             let metrics = resync.metrics().await?;
-            if metric_sum(&metrics, "controller_runtime_reconcile_total", "myresource") >= self.objects as f64 {
+            if sum_samples(&metrics, "controller_runtime_reconcile_total", "myresource") >= self.objects as f64 {
                 results.resync_writes = ["POST", "PUT", "PATCH", "DELETE"]
                     .iter()
-                    .map(|m| metric_sum(&metrics, "rest_client_requests_total", &format!("method=\"{m}\"")))
+                    .map(|m| sum_samples(&metrics, "rest_client_requests_total", &format!("method=\"{m}\"")))
                     .sum();
                 break;
             }
@@ -479,12 +458,12 @@ impl Bench {
             let leader = wait_for_leader(&replicas).await?;
             let standby = 1 - leader;
             wait_for_metrics(&replicas[standby]).await?;
-            let before = metric_sum(&replicas[standby].metrics().await?, "controller_runtime_reconcile_total", "");
+            let before = sum_samples(&replicas[standby].metrics().await?, "controller_runtime_reconcile_total", "");
             let started = Instant::now();
             replicas[leader].signal(signal)?;
             let deadline = started + Duration::from_secs(120);
             loop {
-                let now = metric_sum(
+                let now = sum_samples(
                     &replicas[standby].metrics().await.unwrap_or_default(),
                     "controller_runtime_reconcile_total",
                     "",
@@ -599,8 +578,8 @@ async fn wait_for_leader(replicas: &[Process]) -> Result<usize> {
     loop {
         for (index, replica) in replicas.iter().enumerate() {
             let metrics = replica.metrics().await.unwrap_or_default();
-            if metric_sum(&metrics, "leader_election_master_status", "") == 1.0
-                && metric_sum(&metrics, "controller_runtime_reconcile_total", "") > 0.0
+            if sum_samples(&metrics, "leader_election_master_status", "") == 1.0
+                && sum_samples(&metrics, "controller_runtime_reconcile_total", "") > 0.0
             {
                 return Ok(index);
             }

@@ -147,7 +147,7 @@ async fn show_convergence(root: &Path, kubeconfig: &Path) -> Result<()> {
     let samples = root.join("charts/example-operator/samples");
     kubectl(kubeconfig, &["apply", "-f", &samples.display().to_string()])?;
     eprintln!("applied the samples in {}", samples.display());
-    let client = cluster::client_for(kubeconfig).await?;
+    let client = crate::harness::client_for(kubeconfig).await?;
     let leases: Api<Lease> = Api::namespaced(client.clone(), SYSTEM_NAMESPACE);
     let resources: Api<MyResource> = Api::namespaced(client.clone(), "default");
     let broadcasts: Api<MessageBroadcast> = Api::all(client);

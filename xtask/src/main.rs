@@ -12,6 +12,8 @@ mod crdgen;
 mod demo;
 mod test;
 
+use xtask::harness;
+
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};

@@ -39,11 +39,8 @@ pub struct ClusterState {
     pub processes: Vec<ProcessRecord>,
 }
 
-/// Environment variable naming a running cluster's folder; the tests read their kubeconfigs there.
-pub const CLUSTER_DIR_ENV: &str = "EXAMPLE_OPERATOR_CLUSTER_DIR";
-
-/// The API server's audit log, in the cluster folder: one JSON event per write request.
-pub const AUDIT_LOG: &str = "audit.log";
+pub use crate::harness::CLUSTER_DIR_ENV;
+use crate::harness::{AUDIT_LOG, client_for};
 
 /// Records every write (not reads, which would swamp the log): Lease writes with their request
 /// body (who took the Lease, and when), every other write with its metadata (verb, object, user,
@@ -273,13 +270,6 @@ fn etcd_healthy(port: u16) -> bool {
 /// A client for the administrator identity of a cluster.
 pub async fn admin_client(state: &ClusterState) -> Result<kube::Client> {
     client_for(&state.admin_kubeconfig).await
-}
-
-/// A client for the identity in `kubeconfig`.
-pub async fn client_for(kubeconfig: &Path) -> Result<kube::Client> {
-    let kubeconfig = kube::config::Kubeconfig::read_from(kubeconfig)?;
-    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?;
-    Ok(kube::Client::try_from(config)?)
 }
 
 async fn apiserver_ready(client: &kube::Client) -> bool {

@@ -96,8 +96,4 @@ impl ProcessRecord {
     }
 }
 
-/// A port on 127.0.0.1 that was free a moment ago.
-pub fn free_port() -> Result<u16> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").context("binding a free port on 127.0.0.1")?;
-    Ok(listener.local_addr()?.port())
-}
+pub use crate::harness::free_port;
