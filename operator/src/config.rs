@@ -97,7 +97,7 @@ pub struct Cli {
     pub log_format: LogFormat,
 
     /// Log filter, e.g. `info` or `info,reconcilers=debug` (RUST_LOG syntax).
-    #[arg(long, env = "LOG_LEVEL", default_value = "info,kube_leader_election=warn")]
+    #[arg(long, env = "LOG_LEVEL", default_value = "info")]
     pub log_level: String,
 
     /// How long in-flight reconciles may take to finish on SIGTERM before the lease is released.

@@ -101,17 +101,20 @@ impl WriterReport {
     }
 }
 
-/// Proves "never two writers" for `replicas` from the audit `writes`: every successful write of a
+/// Proves "never two writers" for `replicas` from the audit `writes` received from `since` on
+/// (identities are reused by later runs against the same cluster): every successful write of a
 /// replica other than to the Lease was received while the Lease `namespace/lease` named that
 /// replica (by the accepted Lease writes before it). With `one_term_each`, also checks the
 /// literal form: grouped by replica, the intervals from first to last write never overlap.
 pub fn one_writer_at_a_time(
     writes: &[AuditedWrite],
+    since: Timestamp,
     namespace: &str,
     lease: &str,
     replicas: &[&str],
     one_term_each: bool,
 ) -> Result<WriterReport> {
+    let writes: Vec<&AuditedWrite> = writes.iter().filter(|w| w.received >= since).collect();
     let holders: Vec<(Timestamp, String)> = writes
         .iter()
         .filter(|w| w.is_lease() && w.succeeded())
@@ -120,6 +123,7 @@ pub fn one_writer_at_a_time(
         .collect();
     let ours: Vec<(&str, &AuditedWrite)> = writes
         .iter()
+        .copied()
         .filter(|w| w.succeeded() && !w.is_lease())
         .filter_map(|w| w.operator_identity().filter(|id| replicas.contains(id)).map(|id| (id, w)))
         .collect();
@@ -197,14 +201,26 @@ mod tests {
             write(3, B, "leases", Some("b")),
             write(4, B, "configmaps", None),
         ];
-        let report = one_writer_at_a_time(&log, "ns", "lease", &["a", "b"], true)?;
+        let report = one_writer_at_a_time(&log, Timestamp::UNIX_EPOCH, "ns", "lease", &["a", "b"], true)?;
         assert_eq!(report.writes_of("a"), 1);
         assert_eq!(report.writes_of("b"), 1);
 
         let mut late = log.clone();
         late.push(write(5, A, "configmaps", None));
-        let error = one_writer_at_a_time(&late, "ns", "lease", &["a", "b"], false).err().map(|e| e.to_string());
+        let error = one_writer_at_a_time(&late, Timestamp::UNIX_EPOCH, "ns", "lease", &["a", "b"], false)
+            .err()
+            .map(|e| e.to_string());
         assert!(error.is_some_and(|e| e.contains("a wrote update ns/cm") && e.contains("named \"b\"")));
+        Ok(())
+    }
+
+    #[test]
+    fn writes_before_the_test_are_not_its_business() -> Result<()> {
+        let log =
+            vec![write(1, A, "configmaps", None), write(2, A, "leases", Some("a")), write(3, A, "configmaps", None)];
+        assert!(one_writer_at_a_time(&log, Timestamp::UNIX_EPOCH, "ns", "lease", &["a"], true).is_err());
+        let since = Timestamp::from_second(2).unwrap_or_default();
+        assert_eq!(one_writer_at_a_time(&log, since, "ns", "lease", &["a"], true)?.writes_of("a"), 1);
         Ok(())
     }
 
@@ -218,8 +234,11 @@ mod tests {
             write(5, A, "leases", Some("a")),
             write(6, A, "configmaps", None),
         ];
-        assert!(one_writer_at_a_time(&log, "ns", "lease", &["a", "b"], false).is_ok(), "two terms of a");
-        assert!(one_writer_at_a_time(&log, "ns", "lease", &["a", "b"], true).is_err());
+        assert!(
+            one_writer_at_a_time(&log, Timestamp::UNIX_EPOCH, "ns", "lease", &["a", "b"], false).is_ok(),
+            "two terms of a"
+        );
+        assert!(one_writer_at_a_time(&log, Timestamp::UNIX_EPOCH, "ns", "lease", &["a", "b"], true).is_err());
         Ok(())
     }
 }

@@ -238,11 +238,14 @@ pub struct Fixture {
     pub resources: Api<MyResource>,
     /// ConfigMaps in the namespace.
     pub config_maps: Api<ConfigMap>,
+    /// When the fixture was made: the audit log before it belongs to other tests.
+    pub started: k8s_openapi::jiff::Timestamp,
 }
 
 impl Fixture {
     /// A fixture whose namespace is named after `prefix`.
     pub async fn new(prefix: &str) -> Result<Self> {
+        let started = k8s_openapi::jiff::Timestamp::now();
         let cluster = TestCluster::get()?;
         let client = cluster.admin_client().await?;
         install_crds(&client).await?;
@@ -253,6 +256,7 @@ impl Fixture {
             cluster,
             client,
             namespace,
+            started,
         })
     }
 
@@ -299,7 +303,7 @@ impl Fixture {
         one_term_each: bool,
     ) -> Result<audit::WriterReport> {
         let writes = audit::read(&self.cluster.audit_log())?;
-        audit::one_writer_at_a_time(&writes, self.ns(), lease, replicas, one_term_each)
+        audit::one_writer_at_a_time(&writes, self.started, self.ns(), lease, replicas, one_term_each)
     }
 }
 

@@ -142,8 +142,8 @@ fn main() -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    /// kube-leader-election accepts any k8s-openapi >= 0.27, so a plain `cargo update` can pull a
-    /// second copy; the workspace must link exactly one kube and one k8s-openapi.
+    /// A plain `cargo update` can pull a second k8s-openapi; the workspace must link exactly one
+    /// kube and one k8s-openapi.
     #[test]
     fn cargo_lock_holds_one_kube_and_one_k8s_openapi() -> anyhow::Result<()> {
         let lock = std::fs::read_to_string(super::workspace_root()?.join("Cargo.lock"))?;
