@@ -20,7 +20,7 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Client, Config};
 
-pub use xtask::harness::{CLUSTER_DIR_ENV, client_for, free_port, http_get, sample, sum_samples};
+pub use xtask::harness::{CLUSTER_DIR_ENV, client_for, free_port, http_get, http_get_at, sample, sum_samples};
 
 /// The local control plane the tests run against.
 #[derive(Clone, Debug)]

@@ -57,9 +57,9 @@ struct Results {
 
 /// Runs every benchmark with `objects` MyResources.
 pub fn run(root: &Path, objects: usize) -> Result<()> {
-    let operator = build_release_operator(root)?;
+    let operator = crate::build_release_operator(root)?;
     let peer = cluster::binaries::ensure_peer(root)?;
-    let (state, started) = cluster::up(root)?;
+    let (state, started) = cluster::up(root, false)?;
     eprintln!("benchmarking against {} (Kubernetes {}) with {objects} objects", state.server, state.kubernetes_version);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let outcome = runtime.block_on(async {
@@ -87,16 +87,6 @@ pub fn run(root: &Path, objects: usize) -> Result<()> {
     std::fs::write(&path, serde_json::to_string_pretty(&results)?)?;
     println!("\nwrote {}", path.display());
     Ok(())
-}
-
-fn build_release_operator(root: &Path) -> Result<PathBuf> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
-    let status = std::process::Command::new(cargo)
-        .current_dir(root)
-        .args(["build", "--release", "--package", "operator", "--bin", "example-operator"])
-        .status()?;
-    anyhow::ensure!(status.success(), "building the release operator failed ({status})");
-    Ok(crate::target_dir(root).join("release/example-operator"))
 }
 
 fn install_crds(root: &Path, kubeconfig: &Path) -> Result<()> {

@@ -76,7 +76,7 @@ pub fn run(root: &Path, once: bool) -> Result<()> {
             (PathBuf::from(path), None)
         }
         None => {
-            let (state, started) = cluster::up(root)?;
+            let (state, started) = cluster::up(root, false)?;
             let verb = if started { "started" } else { "reusing" };
             eprintln!("{verb} the local control plane at {} (Kubernetes {})", state.server, state.kubernetes_version);
             (state.admin_kubeconfig.clone(), started.then_some(state))

@@ -30,9 +30,15 @@ pub fn free_port() -> Result<u16> {
 
 /// GETs `path` from `127.0.0.1:port` over plain HTTP/1.0; returns the status code and body.
 pub async fn http_get(port: u16, path: &str) -> Result<(u16, String)> {
+    http_get_at(std::net::SocketAddr::from(([127, 0, 0, 1], port)), path).await
+}
+
+/// GETs `path` from `address` (e.g. a Pod's) over plain HTTP/1.0; returns the status code and body.
+pub async fn http_get_at(address: std::net::SocketAddr, path: &str) -> Result<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-    stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes()).await?;
+    let connect = tokio::net::TcpStream::connect(address);
+    let mut stream = tokio::time::timeout(Duration::from_secs(5), connect).await.context("connecting")??;
+    stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: {address}\r\n\r\n").as_bytes()).await?;
     let mut response = String::new();
     tokio::time::timeout(Duration::from_secs(10), stream.read_to_string(&mut response)).await??;
     let (head, body) = response.split_once("\r\n\r\n").context("an HTTP response")?;

@@ -10,6 +10,7 @@ mod bench;
 mod cluster;
 mod crdgen;
 mod demo;
+mod image;
 mod test;
 
 use xtask::harness;
@@ -53,12 +54,22 @@ enum Command {
         #[arg(long, default_value_t = 1000)]
         objects: usize,
     },
+    /// Build the operator's OCI image without Docker, write it to target/image/, load it into
+    /// the local node, and print its reference for the chart's image.repository and image.tag.
+    Image {
+        /// Use the dev build (quick to build, large) instead of the release build.
+        #[arg(long)]
+        debug: bool,
+    },
     /// Run every test: unit tests and end-to-end tests against the local control plane.
     /// Reuses a running local control plane, or starts one and stops it afterwards.
     Test {
         /// Run the fault-injection tests at full size (2,000 objects instead of 100).
         #[arg(long)]
         long: bool,
+        /// Start the local cluster without its node (the tests that need Pods then fail).
+        #[arg(long)]
+        no_node: bool,
         /// Arguments passed to `cargo test` (e.g. `-p e2e-tests -- crd`).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         cargo_test_args: Vec<String>,
@@ -67,8 +78,14 @@ enum Command {
 
 #[derive(Subcommand)]
 enum ClusterAction {
-    /// Build the binaries if needed and start the control plane (no-op when already running).
-    Up,
+    /// Build the binaries if needed and start the control plane and its node (no-op when
+    /// already running).
+    Up {
+        /// Skip the node (containerd, kubelet, kube-proxy, kube-scheduler): a control plane only,
+        /// enough for everything but Pods.
+        #[arg(long)]
+        no_node: bool,
+    },
     /// Stop the recorded processes and delete the cluster folder.
     Down,
     /// Show each process and the API server's readiness; fails when anything is down.
@@ -98,6 +115,18 @@ fn build_operator(root: &std::path::Path) -> Result<PathBuf> {
     Ok(target_dir(root).join("debug/example-operator"))
 }
 
+/// Builds the release operator binary and returns its path.
+fn build_release_operator(root: &std::path::Path) -> Result<PathBuf> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    let status = std::process::Command::new(cargo)
+        .current_dir(root)
+        .args(["build", "--release", "--package", "operator", "--bin", "example-operator"])
+        .status()
+        .context("running cargo build --release")?;
+    anyhow::ensure!(status.success(), "building the release operator failed ({status})");
+    Ok(target_dir(root).join("release/example-operator"))
+}
+
 /// Cargo's target folder.
 fn target_dir(root: &std::path::Path) -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target"))
@@ -115,8 +144,8 @@ fn main() -> Result<()> {
     match cli.command {
         Command::Crdgen { check } => crdgen::run(&root, check),
         Command::Cluster { action } => match action {
-            ClusterAction::Up => {
-                let (state, started) = cluster::up(&root)?;
+            ClusterAction::Up { no_node } => {
+                let (state, started) = cluster::up(&root, !no_node)?;
                 let verb = if started { "started" } else { "already running" };
                 eprintln!("local control plane {verb}: {} (Kubernetes {})", state.server, state.kubernetes_version);
                 eprintln!("point a shell at it with: eval \"$(cargo xtask cluster env)\"");
@@ -136,7 +165,11 @@ fn main() -> Result<()> {
         },
         Command::Demo { once } => demo::run(&root, once),
         Command::Bench { objects } => bench::run(&root, objects),
-        Command::Test { long, cargo_test_args } => test::run(&root, long, &cargo_test_args),
+        Command::Image { debug } => {
+            println!("{}", image::run(&root, debug)?);
+            Ok(())
+        }
+        Command::Test { long, no_node, cargo_test_args } => test::run(&root, long, !no_node, &cargo_test_args),
     }
 }
 

@@ -9,16 +9,24 @@ use crate::cluster::{self, CLUSTER_DIR_ENV};
 
 /// Runs `cargo test --workspace` against the local control plane, starting it first when none
 /// is running and stopping it afterwards if this call started it.
-pub fn run(root: &Path, long: bool, cargo_test_args: &[String]) -> Result<()> {
-    let (state, started) = cluster::up(root)?;
+pub fn run(root: &Path, long: bool, with_node: bool, cargo_test_args: &[String]) -> Result<()> {
+    let (state, started) = cluster::up(root, with_node)?;
     eprintln!("running tests against {} (Kubernetes {})", state.server, state.kubernetes_version);
     // The end-to-end tests run the operator binary as separate processes, and use this very
     // xtask to stop and start control-plane components.
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    let mut command = Command::new(&cargo);
     let operator_binary = crate::build_operator(root)?;
+    // With a node, the chart's Pods run the dev build's image (quick to build; the demo and
+    // README use the release build).
+    if state.containerd_socket.is_some() {
+        let reference = crate::image::run(root, true)?;
+        command
+            .env("EXAMPLE_OPERATOR_IMAGE", &reference)
+            .env("EXAMPLE_OPERATOR_IMAGE_ARCHIVE", crate::image::archive_path(root));
+    }
     // Not current_exe(): the workspace build just replaced this very binary on disk.
     let xtask_binary = crate::target_dir(root).join("debug/xtask");
-    let mut command = Command::new(&cargo);
     if long {
         command.env("EXAMPLE_OPERATOR_LONG_FAULTS", "1");
     }

@@ -23,6 +23,10 @@ const KUBERNETES: GoModule = GoModule {
     binaries: &[
         ("kube-apiserver", "k8s.io/kubernetes/cmd/kube-apiserver"),
         ("kube-controller-manager", "k8s.io/kubernetes/cmd/kube-controller-manager"),
+        ("kubelet", "k8s.io/kubernetes/cmd/kubelet"),
+        ("kube-proxy", "k8s.io/kubernetes/cmd/kube-proxy"),
+        ("kube-scheduler", "k8s.io/kubernetes/cmd/kube-scheduler"),
+        ("kubectl", "k8s.io/kubernetes/cmd/kubectl"),
     ],
 };
 
@@ -44,6 +48,9 @@ const HELM: GoModule =
 pub struct Binaries {
     pub kube_apiserver: PathBuf,
     pub kube_controller_manager: PathBuf,
+    pub kubelet: PathBuf,
+    pub kube_proxy: PathBuf,
+    pub kube_scheduler: PathBuf,
     pub etcd: PathBuf,
     pub helm: PathBuf,
     /// Kubernetes version the API server reports, e.g. `v1.37.2`.
@@ -85,6 +92,9 @@ pub fn ensure(root: &Path) -> Result<Binaries> {
     Ok(Binaries {
         kube_apiserver: kubernetes.0.join("kube-apiserver"),
         kube_controller_manager: kubernetes.0.join("kube-controller-manager"),
+        kubelet: kubernetes.0.join("kubelet"),
+        kube_proxy: kubernetes.0.join("kube-proxy"),
+        kube_scheduler: kubernetes.0.join("kube-scheduler"),
         etcd: etcd.0.join("etcd"),
         helm: helm.0.join("helm"),
         kubernetes_version: kubernetes.1,

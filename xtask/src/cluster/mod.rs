@@ -6,6 +6,7 @@
 //! stops exactly the PIDs recorded there.
 
 pub mod binaries;
+pub mod node;
 mod pki;
 mod process;
 
@@ -37,6 +38,9 @@ pub struct ClusterState {
     pub kubernetes_version: String,
     /// The processes started, in start order.
     pub processes: Vec<ProcessRecord>,
+    /// The node's containerd socket, when the cluster has a node.
+    #[serde(default)]
+    pub containerd_socket: Option<PathBuf>,
 }
 
 pub use crate::harness::CLUSTER_DIR_ENV;
@@ -105,11 +109,20 @@ impl ClusterState {
 
     /// Stops every recorded process (API server before etcd) and removes the folder.
     pub fn stop(&self, root: &Path) -> Result<()> {
+        if let Some(socket) = &self.containerd_socket {
+            node::stop(&self.processes, socket, &self.dir);
+        }
         for process in self.processes.iter().rev() {
             process.stop(Duration::from_secs(10));
         }
         if let Some(still) = self.processes.iter().find(|p| p.is_running()) {
             bail!("{} (pid {}) did not stop", still.name, still.pid);
+        }
+        if self.containerd_socket.is_some() {
+            let left = node::leftovers(&self.dir);
+            if !left.is_empty() {
+                bail!("the node left behind:\n{}", left.join("\n"));
+            }
         }
         if self.dir.exists() {
             std::fs::remove_dir_all(&self.dir).with_context(|| format!("removing {}", self.dir.display()))?;
@@ -121,7 +134,7 @@ impl ClusterState {
 
 /// Brings the control plane up, or returns the one already running for this work tree.
 /// The boolean is true when this call started it.
-pub fn up(root: &Path) -> Result<(ClusterState, bool)> {
+pub fn up(root: &Path, with_node: bool) -> Result<(ClusterState, bool)> {
     if let Some(state) = ClusterState::load(root)? {
         if state.crashed().is_empty() {
             return Ok((state, false));
@@ -130,16 +143,21 @@ pub fn up(root: &Path) -> Result<(ClusterState, bool)> {
         state.stop(root)?;
     }
     let binaries = binaries::ensure(root)?;
-    let state = start(&binaries)?;
+    if with_node {
+        node::ensure_packages()?;
+    }
+    let state = start(root, &binaries, with_node)?;
     state.save(root)?;
     Ok((state, true))
 }
 
-fn start(binaries: &Binaries) -> Result<ClusterState> {
+fn start(root: &Path, binaries: &Binaries, with_node: bool) -> Result<ClusterState> {
     let dir = std::env::temp_dir().join(format!("example-operator-cluster-{:08x}", rand::random::<u32>()));
     let logs = dir.join("logs");
     std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
-    let pki = pki::generate(&dir.join("pki"), &[&pki::ADMIN, &pki::CONTROLLER_MANAGER, &pki::RESTRICTED])?;
+    let identities =
+        [&pki::ADMIN, &pki::CONTROLLER_MANAGER, &pki::RESTRICTED, &node::KUBELET, &node::KUBE_PROXY, &node::SCHEDULER];
+    let pki = pki::generate(&dir.join("pki"), &identities)?;
 
     let etcd_client = process::free_port()?;
     let etcd_peer = process::free_port()?;
@@ -157,6 +175,7 @@ fn start(binaries: &Binaries) -> Result<ClusterState> {
         tool_dirs: binaries.dirs(),
         kubernetes_version: binaries.kubernetes_version.clone(),
         processes: Vec::new(),
+        containerd_socket: None,
     };
     let result = (|| {
         let etcd_url = format!("http://127.0.0.1:{etcd_client}");
@@ -177,23 +196,32 @@ fn start(binaries: &Binaries) -> Result<ClusterState> {
         wait_for(&state, "etcd to report healthy", Duration::from_secs(60), || etcd_healthy(etcd_client))?;
 
         let path = |p: &Path| p.display().to_string();
+        if with_node {
+            // The node's bridge carries the address Pods reach the API server at.
+            node::network_up()?;
+        }
         let audit_policy = dir.join("audit-policy.yaml");
         std::fs::write(&audit_policy, AUDIT_POLICY).with_context(|| format!("writing {}", audit_policy.display()))?;
         let apiserver_args = vec![
             format!("--etcd-servers={etcd_url}"),
-            "--bind-address=127.0.0.1".to_owned(),
+            // With a node, Pods reach the API server on the bridge address (through the
+            // `kubernetes` Service); without one, loopback only.
+            format!("--bind-address={}", if with_node { "0.0.0.0" } else { "127.0.0.1" }),
             format!("--secure-port={apiserver_port}"),
             format!("--cert-dir={}", dir.join("apiserver").display()),
             format!("--tls-cert-file={}", path(&pki.serving_cert)),
             format!("--tls-private-key-file={}", path(&pki.serving_key)),
             format!("--client-ca-file={}", path(&pki.ca_cert)),
-            "--authorization-mode=RBAC".to_owned(),
+            "--authorization-mode=Node,RBAC".to_owned(),
             format!("--service-account-issuer={server}"),
             format!("--service-account-key-file={}", path(&pki.service_account_public_key)),
             format!("--service-account-signing-key-file={}", path(&pki.service_account_key)),
             "--service-cluster-ip-range=10.0.0.0/24".to_owned(),
             "--allow-privileged=true".to_owned(),
             "--profiling=false".to_owned(),
+            format!("--kubelet-client-certificate={}", path(&pki.client_files(&pki::ADMIN).0)),
+            format!("--kubelet-client-key={}", path(&pki.client_files(&pki::ADMIN).1)),
+            "--kubelet-preferred-address-types=InternalIP".to_owned(),
             // Every write, with who sent it (User-Agent) and when the server received it: the
             // record the tests prove "never two writers" from.
             format!("--audit-policy-file={}", path(&audit_policy)),
@@ -201,6 +229,10 @@ fn start(binaries: &Binaries) -> Result<ClusterState> {
             "--audit-log-format=json".to_owned(),
             "--audit-log-mode=blocking".to_owned(),
         ];
+        let mut apiserver_args = apiserver_args;
+        if with_node {
+            apiserver_args.push(format!("--advertise-address={}", node::NODE_IP));
+        }
         state.processes.push(process::spawn("kube-apiserver", &binaries.kube_apiserver, &apiserver_args, &logs)?);
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         let client = runtime.block_on(admin_client(&state))?;
@@ -210,7 +242,9 @@ fn start(binaries: &Binaries) -> Result<ClusterState> {
 
         let controller_manager_args = vec![
             format!("--kubeconfig={}", path(&controller_manager_kubeconfig)),
-            "--controllers=garbage-collector-controller,namespace-controller".to_owned(),
+            format!("--controllers={}", controllers(with_node)),
+            format!("--root-ca-file={}", path(&pki.ca_cert)),
+            format!("--service-account-private-key-file={}", path(&pki.service_account_key)),
             "--leader-elect=false".to_owned(),
             "--secure-port=0".to_owned(),
             "--use-service-account-credentials=false".to_owned(),
@@ -226,15 +260,99 @@ fn start(binaries: &Binaries) -> Result<ClusterState> {
             &logs,
         )?);
         runtime.block_on(prove_namespace_controller(&state, &client))?;
+        if with_node {
+            start_node(root, binaries, &pki, &server, &dir, &logs, &mut state, &runtime, &client)?;
+        }
         Ok::<_, anyhow::Error>(())
     })();
     if let Err(err) = result {
+        if let Some(socket) = &state.containerd_socket {
+            node::stop(&state.processes, socket, &dir);
+        } else if with_node {
+            node::network_down();
+        }
         for process in state.processes.iter().rev() {
             process.stop(Duration::from_secs(5));
         }
         bail!("the local control plane did not come up: {err:#}\n(its files are kept in {})", dir.display());
     }
     Ok(state)
+}
+
+/// kube-controller-manager's controllers: the garbage collector and namespaces always; with a
+/// node also what Deployments, Services and Pods' service-account volumes need.
+fn controllers(with_node: bool) -> String {
+    let mut controllers = vec!["garbage-collector-controller", "namespace-controller"];
+    if with_node {
+        controllers.extend([
+            "deployment-controller",
+            "replicaset-controller",
+            "endpointslice-controller",
+            "serviceaccount-controller",
+            "root-ca-certificate-publisher-controller",
+            "pod-garbage-collector-controller",
+            "disruption-controller",
+        ]);
+    }
+    controllers.join(",")
+}
+
+/// Starts containerd (with the pause image), kubelet, kube-proxy and kube-scheduler, and waits
+/// until the node is Ready.
+#[allow(clippy::too_many_arguments)]
+fn start_node(
+    root: &Path,
+    binaries: &Binaries,
+    pki: &pki::Pki,
+    server: &str,
+    dir: &Path,
+    logs: &Path,
+    state: &mut ClusterState,
+    runtime: &tokio::runtime::Runtime,
+    client: &kube::Client,
+) -> Result<()> {
+    let files = node::write_configs(dir, pki)?;
+    let containerd = which("containerd")?;
+    let containerd_args = vec![format!("--config={}", files.containerd_config.display())];
+    // Nothing is ever pulled: every registry request goes to a closed port on loopback.
+    let no_pulls: Vec<(String, String)> = ["HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"]
+        .iter()
+        .map(|name| ((*name).to_owned(), node::NO_REGISTRY.to_owned()))
+        .chain([("NO_PROXY".to_owned(), String::new()), ("no_proxy".to_owned(), String::new())])
+        .collect();
+    state.processes.push(process::spawn_with_env("containerd", &containerd, &containerd_args, &no_pulls, logs)?);
+    state.containerd_socket = Some(files.containerd_socket.clone());
+    wait_for(state, "containerd's socket", Duration::from_secs(30), || files.containerd_socket.exists())?;
+    let pause = binaries::cache_dir()?.join(format!("pause-{}.tar", binaries.kubernetes_version));
+    node::pause_image(&root.join("xtask/go"), &binaries.kubernetes_version, &pause)?;
+    node::import_image(&files.containerd_socket, &pause)?;
+
+    let kubelet_kubeconfig = pki::write_kubeconfig(pki, &node::KUBELET, server, dir)?;
+    let proxy_kubeconfig = pki::write_kubeconfig(pki, &node::KUBE_PROXY, server, dir)?;
+    let scheduler_kubeconfig = pki::write_kubeconfig(pki, &node::SCHEDULER, server, dir)?;
+    let kubelet_args = node::kubelet_args(&files, &kubelet_kubeconfig);
+    state.processes.push(process::spawn("kubelet", &binaries.kubelet, &kubelet_args, logs)?);
+    let proxy_args = node::kube_proxy_args(&proxy_kubeconfig)?;
+    state.processes.push(process::spawn("kube-proxy", &binaries.kube_proxy, &proxy_args, logs)?);
+    let scheduler_args = node::scheduler_args(&scheduler_kubeconfig)?;
+    state.processes.push(process::spawn("kube-scheduler", &binaries.kube_scheduler, &scheduler_args, logs)?);
+    wait_for(state, "the node to be Ready", Duration::from_secs(180), || runtime.block_on(node_ready(client)))
+}
+
+/// True once the node reports Ready.
+async fn node_ready(client: &kube::Client) -> bool {
+    use k8s_openapi::api::core::v1::Node;
+    let nodes: kube::api::Api<Node> = kube::api::Api::all(client.clone());
+    let Ok(Some(node)) = nodes.get_opt(node::NODE_NAME).await else { return false };
+    node.status.and_then(|s| s.conditions).unwrap_or_default().iter().any(|c| c.type_ == "Ready" && c.status == "True")
+}
+
+/// The full path of `program` on PATH.
+fn which(program: &str) -> Result<PathBuf> {
+    std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+        .map(|dir| dir.join(program))
+        .find(|path| path.is_file())
+        .with_context(|| format!("{program} is not installed"))
 }
 
 /// Polls `check` until it returns true, failing early with the crash report when a recorded
@@ -327,7 +445,14 @@ pub fn status(root: &Path) -> Result<()> {
     let ready =
         runtime.block_on(async { apiserver_ready(&admin_client(&state).await?).await.then_some(()).context("") });
     println!("{:<24} {}", "/readyz", if ready.is_ok() { "ok" } else { "NOT ready" });
-    if !healthy || ready.is_err() {
+    let mut node_ok = true;
+    if state.containerd_socket.is_some() {
+        node_ok = runtime.block_on(async { Ok::<_, anyhow::Error>(node_ready(&admin_client(&state).await?).await) })?;
+        println!("{:<24} {} {}", "node", node::NODE_NAME, if node_ok { "Ready" } else { "NOT Ready" });
+    } else {
+        println!("{:<24} none (started with --no-node)", "node");
+    }
+    if !healthy || ready.is_err() || !node_ok {
         bail!("the local control plane is not healthy");
     }
     Ok(())
@@ -352,7 +477,7 @@ pub fn start_component(root: &Path, name: &str) -> Result<()> {
         return Ok(());
     }
     let log_dir = process.log.parent().context("log file has a folder")?.to_path_buf();
-    let started = process::spawn(name, &process.binary, &process.args, &log_dir)?;
+    let started = process::spawn_with_env(name, &process.binary, &process.args, &process.env, &log_dir)?;
     let pid = started.pid;
     if let Some(record) = state.processes.iter_mut().find(|p| p.name == name) {
         *record = started;

@@ -49,7 +49,7 @@ fn write(path: &Path, contents: &str) -> Result<()> {
     std::fs::write(path, contents).with_context(|| format!("writing {}", path.display()))
 }
 
-/// Generates a CA, a serving certificate for 127.0.0.1, one client certificate per identity and
+/// Generates a CA, a serving certificate for 127.0.0.1 and the addresses Pods use, one client certificate per identity and
 /// the service-account signing key into `dir`.
 pub fn generate(dir: &Path, identities: &[&Identity]) -> Result<Pki> {
     std::fs::create_dir_all(dir)?;
@@ -79,6 +79,10 @@ pub fn generate(dir: &Path, identities: &[&Identity]) -> Result<Pki> {
         "kubernetes".to_owned(),
         "kubernetes.default".to_owned(),
         "kubernetes.default.svc".to_owned(),
+        "kubernetes.default.svc.cluster.local".to_owned(),
+        // Where Pods reach the API server: the `kubernetes` Service and the node's bridge address.
+        super::node::KUBERNETES_SERVICE_IP.to_owned(),
+        super::node::NODE_IP.to_owned(),
     ])?;
     serving.distinguished_name.push(DnType::CommonName, "kube-apiserver");
     serving.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];

@@ -23,25 +23,47 @@ pub struct ProcessRecord {
     /// The arguments it was started with, so it can be started again the same way.
     #[serde(default)]
     pub args: Vec<String>,
+    /// Environment variables set for it, likewise.
+    #[serde(default)]
+    pub env: Vec<(String, String)>,
     pub log: PathBuf,
 }
 
 /// Starts `binary` detached from this process group (so Ctrl-C in the terminal that ran `up`
 /// does not reach it), with its output in `<log_dir>/<name>.log`.
 pub fn spawn(name: &str, binary: &Path, args: &[String], log_dir: &Path) -> Result<ProcessRecord> {
+    spawn_with_env(name, binary, args, &[], log_dir)
+}
+
+/// Like [`spawn`], with environment variables `env` added.
+pub fn spawn_with_env(
+    name: &str,
+    binary: &Path,
+    args: &[String],
+    env: &[(String, String)],
+    log_dir: &Path,
+) -> Result<ProcessRecord> {
     let log = log_dir.join(format!("{name}.log"));
     // Appending keeps the history of a component that is stopped and started again.
     let out =
         File::options().create(true).append(true).open(&log).with_context(|| format!("opening {}", log.display()))?;
     let child = Command::new(binary)
         .args(args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .stdout(out.try_clone()?)
         .stderr(out)
         .process_group(0)
         .spawn()
         .with_context(|| format!("starting {}", binary.display()))?;
-    Ok(ProcessRecord { name: name.to_owned(), pid: child.id(), binary: binary.to_path_buf(), args: args.to_vec(), log })
+    Ok(ProcessRecord {
+        name: name.to_owned(),
+        pid: child.id(),
+        binary: binary.to_path_buf(),
+        args: args.to_vec(),
+        env: env.to_vec(),
+        log,
+    })
 }
 
 impl ProcessRecord {

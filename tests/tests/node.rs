@@ -1,0 +1,181 @@
+//! The chart on the local cluster's real node: Pods from the operator's own image (built by
+//! `cargo xtask test` with `cargo xtask image --debug` and loaded into the node), probed by a real
+//! kubelet, reaching the API server through the `kubernetes` Service with their projected
+//! service-account token. What a user installing with Helm would see.
+
+use std::net::SocketAddr;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use e2e_tests::{Fixture, eventually, http_get_at, sample};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Pod;
+use kube::ResourceExt;
+use kube::api::{Api, DeleteParams, ListParams};
+use tokio::sync::Mutex;
+
+static ONE_AT_A_TIME: Mutex<()> = Mutex::const_new(());
+
+const RELEASE: &str = "ops";
+const DEPLOYMENT: &str = "ops-example-operator";
+const LEASE: &str = "ops-example-operator-leader";
+
+/// The image `cargo xtask test` loaded into the node, as `--set` arguments for the chart.
+fn image_values() -> Result<Vec<String>> {
+    let reference = std::env::var("EXAMPLE_OPERATOR_IMAGE").context(
+        "EXAMPLE_OPERATOR_IMAGE is not set: run the tests with `cargo xtask test`, which builds the image and loads it into the node",
+    )?;
+    let (repository, tag) = reference.rsplit_once(':').context("an image reference repository:tag")?;
+    Ok(vec![format!("image.repository={repository}"), format!("image.tag={tag}"), "image.pullPolicy=Never".to_owned()])
+}
+
+fn helm(f: &Fixture, args: &[&str], values: &[String]) -> Result<Output> {
+    let mut command = Command::new("helm");
+    command.arg("--kubeconfig").arg(&f.cluster.admin_kubeconfig).args(args);
+    for value in values {
+        command.args(["--set", value]);
+    }
+    command.output().context("running helm (built by `cargo xtask cluster up`)")
+}
+
+fn succeeded(output: Output) -> Result<String> {
+    if !output.status.success() {
+        bail!(
+            "failed ({}):\n{}{}",
+            output.status,
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+fn chart() -> String {
+    format!("{}/../charts/example-operator", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Short election timings so the tests see hand-overs quickly; the CRDs are the tests' own.
+fn values() -> Result<Vec<String>> {
+    let mut values = image_values()?;
+    values.extend(
+        [
+            "crds.install=false",
+            "leaderElection.leaseDuration=4s",
+            "leaderElection.renewDeadline=3s",
+            "leaderElection.retryPeriod=500ms",
+            "terminationGracePeriodSeconds=15",
+        ]
+        .map(str::to_owned),
+    );
+    Ok(values)
+}
+
+/// The release's Pods that are Ready (by the kubelet's probes), by name with their IPs.
+async fn ready_pods(f: &Fixture) -> Result<Vec<(String, String)>> {
+    let pods: Api<Pod> = Api::namespaced(f.client.clone(), f.ns());
+    let listed = pods.list(&ListParams::default().labels("app.kubernetes.io/instance=ops")).await?;
+    Ok(listed
+        .items
+        .iter()
+        .filter(|pod| pod.metadata.deletion_timestamp.is_none())
+        .filter(|pod| {
+            pod.status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|conditions| conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+        })
+        .filter_map(|pod| Some((pod.name_any(), pod.status.as_ref()?.pod_ip.clone()?)))
+        .collect())
+}
+
+/// Waits until exactly `count` Pods are Ready and the Lease names one of them, which alone
+/// reports leading; returns the Pods and the leader's name.
+async fn ready_with_one_leader(
+    f: &Fixture,
+    count: usize,
+    timeout: Duration,
+) -> Result<(Vec<(String, String)>, String)> {
+    eventually(timeout, &format!("{count} Ready Pods with exactly one leader"), || async {
+        let pods = ready_pods(f).await?;
+        if pods.len() != count {
+            return Ok(None);
+        }
+        let Some(holder) = f.lease_holder(LEASE).await? else { return Ok(None) };
+        let mut leading = Vec::new();
+        for (name, ip) in &pods {
+            let address: SocketAddr = format!("{ip}:8080").parse()?;
+            let (code, metrics) = http_get_at(address, "/metrics").await?;
+            ensure!(code == 200, "{name}'s /metrics answered {code}");
+            if sample(&metrics, &format!("leader_election_master_status{{name=\"{LEASE}\"}}")) == Some(1.0) {
+                leading.push(name.clone());
+            }
+        }
+        Ok((leading == [holder.clone()]).then_some((pods, holder)))
+    })
+    .await
+}
+
+#[tokio::test]
+async fn the_chart_runs_on_the_node_hands_over_and_upgrades_with_one_writer_at_a_time() -> Result<()> {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let f = Fixture::new("node-chart").await?;
+    let values = values()?;
+    succeeded(helm(&f, &["install", RELEASE, &chart(), "--namespace", f.ns()], &values)?)?;
+
+    // Both Pods Ready through the kubelet's probes; exactly one leads, and the Lease names a Pod.
+    let (pods, leader) = ready_with_one_leader(&f, 2, Duration::from_secs(120)).await?;
+    ensure!(pods.iter().any(|(name, _)| *name == leader), "the Lease holder {leader} is one of the Pods {pods:?}");
+    f.create("on-the-node", "reconciled by a Pod").await?;
+    f.wait_ready("on-the-node", Duration::from_secs(60)).await?;
+
+    // The leader's Pod is deleted: the standby leads within a lease duration, and the
+    // Deployment brings the replica count back.
+    let deleted = Instant::now();
+    let pods_api: Api<Pod> = Api::namespaced(f.client.clone(), f.ns());
+    pods_api.delete(&leader, &DeleteParams::default()).await?;
+    let successor = eventually(Duration::from_secs(30), "another Pod to hold the Lease", || async {
+        Ok(f.lease_holder(LEASE).await?.filter(|holder| *holder != leader && !holder.is_empty()))
+    })
+    .await?;
+    let took = deleted.elapsed();
+    ensure!(took <= Duration::from_secs(4), "{successor} led {took:?} after the delete; the lease is 4 s");
+    let (pods, _) = ready_with_one_leader(&f, 2, Duration::from_secs(120)).await?;
+    ensure!(!pods.iter().any(|(name, _)| *name == leader), "the deleted Pod was replaced: {pods:?}");
+
+    // An upgrade that changes a value rolls every Pod.
+    let mut upgraded = values.clone();
+    upgraded.push("logging.level=debug".to_owned());
+    succeeded(helm(&f, &["upgrade", RELEASE, &chart(), "--namespace", f.ns()], &upgraded)?)?;
+    let deployments: Api<Deployment> = Api::namespaced(f.client.clone(), f.ns());
+    eventually(Duration::from_secs(180), "the rolling update to complete", || async {
+        let deployment = deployments.get(DEPLOYMENT).await?;
+        let status = deployment.status.unwrap_or_default();
+        let generation = deployment.metadata.generation;
+        let done = status.observed_generation == generation
+            && status.updated_replicas == Some(2)
+            && status.ready_replicas == Some(2)
+            && status.replicas == Some(2);
+        Ok(done.then_some(()))
+    })
+    .await?;
+    ready_with_one_leader(&f, 2, Duration::from_secs(60)).await?;
+    f.create("after-upgrade", "reconciled after the rolling update").await?;
+    f.wait_ready("after-upgrade", Duration::from_secs(60)).await?;
+
+    // What the API server recorded: across the delete and the rolling update, the Pods never
+    // wrote as leader at the same time.
+    let writers = e2e_tests::audit::read(&f.cluster.audit_log())?
+        .iter()
+        .filter(|w| w.received >= f.started)
+        .filter_map(|w| w.operator_identity().map(str::to_owned))
+        .filter(|identity| identity.starts_with(DEPLOYMENT))
+        .collect::<std::collections::BTreeSet<_>>();
+    ensure!(writers.len() >= 3, "three or more Pods wrote over the test: {writers:?}");
+    let identities: Vec<&str> = writers.iter().map(String::as_str).collect();
+    let report = f.one_writer_at_a_time(LEASE, &identities, false)?;
+    ensure!(report.intervals.len() >= 2, "{report:?}");
+
+    succeeded(helm(&f, &["uninstall", RELEASE, "--namespace", f.ns()], &[])?)?;
+    Ok(())
+}
