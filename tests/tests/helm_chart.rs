@@ -330,6 +330,20 @@ async fn the_operator_runs_with_exactly_the_charts_rbac_and_each_rule_is_needed(
     exercise_every_permission(&admin, &ns, &other.name, Duration::from_secs(30))
         .await
         .map_err(|e| e.context(format!("with the chart's full RBAC; operator log:\n{}", operator.log_text())))?;
+    // The chart's Role lets it keep the Lease: renewals (conditional updates) go through, well
+    // past the 3 s renew deadline.
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> = Api::namespaced(admin.clone(), &ns);
+    let renewed = |lease: &k8s_openapi::api::coordination::v1::Lease| {
+        lease.spec.as_ref().and_then(|s| s.renew_time.clone()).map(|t| t.0)
+    };
+    let first = renewed(&leases.get(lease).await?);
+    eventually(Duration::from_secs(10), "the ServiceAccount to renew its lease twice more", || async {
+        let now = renewed(&leases.get(lease).await?);
+        Ok((now > first.map(|t| t + std::time::Duration::from_secs(1))).then_some(()))
+    })
+    .await
+    .map_err(|e| e.context(operator.log_text()))?;
+    ensure!(operator.master_status(lease).await? == 1.0, "still leading:\n{}", operator.log_text());
     operator.stop().await?;
 
     // It cannot read Secrets.

@@ -292,6 +292,8 @@ fn controllers(with_node: bool) -> String {
             "root-ca-certificate-publisher-controller",
             "pod-garbage-collector-controller",
             "disruption-controller",
+            // Lifts the node.kubernetes.io/not-ready taint once the kubelet reports Ready.
+            "node-lifecycle-controller",
         ]);
     }
     controllers.join(",")
