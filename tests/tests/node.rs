@@ -8,7 +8,8 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use e2e_tests::{Fixture, eventually, http_get_at, sample};
+use e2e_tests::prometheus::{PrometheusServer, value};
+use e2e_tests::{Fixture, eventually, http_get_at, sample, stdout_of};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
@@ -17,9 +18,9 @@ use tokio::sync::Mutex;
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::const_new(());
 
-const RELEASE: &str = "ops";
-const DEPLOYMENT: &str = "ops-example-operator";
-const LEASE: &str = "ops-example-operator-leader";
+const RELEASE: &str = "on-node";
+const DEPLOYMENT: &str = "on-node-example-operator";
+const LEASE: &str = "on-node-example-operator-leader";
 
 /// The image `cargo xtask test` loaded into the node, as `--set` arguments for the chart.
 fn image_values() -> Result<Vec<String>> {
@@ -51,6 +52,24 @@ fn succeeded(output: Output) -> Result<String> {
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
+/// A Helm release uninstalled when dropped, so a failed test leaves no cluster-wide RBAC behind.
+struct Release<'a> {
+    f: &'a Fixture,
+}
+
+impl<'a> Release<'a> {
+    fn install(f: &'a Fixture, values: &[String]) -> Result<Self> {
+        succeeded(helm(f, &["install", RELEASE, &chart(), "--namespace", f.ns()], values)?)?;
+        Ok(Self { f })
+    }
+}
+
+impl Drop for Release<'_> {
+    fn drop(&mut self) {
+        let _ = helm(self.f, &["uninstall", RELEASE, "--namespace", self.f.ns()], &[]);
+    }
+}
+
 fn chart() -> String {
     format!("{}/../charts/example-operator", env!("CARGO_MANIFEST_DIR"))
 }
@@ -74,7 +93,7 @@ fn values() -> Result<Vec<String>> {
 /// The release's Pods that are Ready (by the kubelet's probes), by name with their IPs.
 async fn ready_pods(f: &Fixture) -> Result<Vec<(String, String)>> {
     let pods: Api<Pod> = Api::namespaced(f.client.clone(), f.ns());
-    let listed = pods.list(&ListParams::default().labels("app.kubernetes.io/instance=ops")).await?;
+    let listed = pods.list(&ListParams::default().labels(&format!("app.kubernetes.io/instance={RELEASE}"))).await?;
     Ok(listed
         .items
         .iter()
@@ -116,18 +135,85 @@ async fn ready_with_one_leader(
     .await
 }
 
+/// Prometheus scraping each of the namespace's Pods on its `metrics` port every second.
+///
+/// Debian's Prometheus 2.42 is built without Kubernetes service discovery (its configuration
+/// rejects `kubernetes_sd_configs`), so discovery is done as it would be: as a ServiceAccount
+/// allowed only to list Pods, with its token, the Pods' addresses are read from the API server and
+/// handed to Prometheus through `file_sd_configs`, refreshed until the Pods are found.
+async fn scraping_prometheus(f: &Fixture) -> Result<PrometheusServer> {
+    for args in [
+        vec!["create", "serviceaccount", "prometheus"],
+        vec!["create", "role", "pod-discovery", "--verb=get,list,watch", "--resource=pods"],
+        vec![
+            "create",
+            "rolebinding",
+            "prometheus",
+            "--role=pod-discovery",
+            "--serviceaccount",
+            &format!("{}:prometheus", f.ns()),
+        ],
+    ] {
+        let mut args = args;
+        args.extend(["--namespace", f.ns()]);
+        stdout_of(&f.cluster.kubectl(&args)?)?;
+    }
+    let token = stdout_of(&f.cluster.kubectl(&["create", "token", "prometheus", "--namespace", f.ns()])?)?;
+    let kubeconfig = f.cluster.kubeconfig_with_token("prometheus", token.trim()).await?;
+    let as_prometheus = e2e_tests::client_for(&kubeconfig).await?;
+    let pods: Api<Pod> = Api::namespaced(as_prometheus, f.ns());
+    let targets: Vec<serde_json::Value> = pods
+        .list(&ListParams::default())
+        .await?
+        .items
+        .iter()
+        .filter_map(|pod| {
+            let ip = pod.status.as_ref()?.pod_ip.clone()?;
+            let port = pod.spec.as_ref()?.containers.iter().flat_map(|c| c.ports.iter().flatten()).find(|p| p.name.as_deref() == Some("metrics"))?.container_port;
+            Some(serde_json::json!({"targets": [format!("{ip}:{port}")], "labels": {"pod": pod.name_any(), "namespace": f.ns()}}))
+        })
+        .collect();
+    ensure!(targets.len() == 2, "the ServiceAccount finds both Pods' metrics ports: {targets:?}");
+    let dir = std::env::temp_dir().join(format!("{}-targets", f.ns()));
+    std::fs::create_dir_all(&dir)?;
+    let file = dir.join("pods.json");
+    std::fs::write(&file, serde_json::to_string(&targets)?)?;
+    let config = format!(
+        "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: example-operator\n    file_sd_configs:\n      - files: [\"{}\"]\n        refresh_interval: 1s\n",
+        file.display()
+    );
+    PrometheusServer::start(&config)
+}
+
 #[tokio::test]
 async fn the_chart_runs_on_the_node_hands_over_and_upgrades_with_one_writer_at_a_time() -> Result<()> {
     let _serial = ONE_AT_A_TIME.lock().await;
     let f = Fixture::new("node-chart").await?;
     let values = values()?;
-    succeeded(helm(&f, &["install", RELEASE, &chart(), "--namespace", f.ns()], &values)?)?;
+    let release = Release::install(&f, &values)?;
 
     // Both Pods Ready through the kubelet's probes; exactly one leads, and the Lease names a Pod.
     let (pods, leader) = ready_with_one_leader(&f, 2, Duration::from_secs(120)).await?;
     ensure!(pods.iter().any(|(name, _)| *name == leader), "the Lease holder {leader} is one of the Pods {pods:?}");
     f.create("on-the-node", "reconciled by a Pod").await?;
     f.wait_ready("on-the-node", Duration::from_secs(60)).await?;
+
+    // A real Prometheus scrapes both Pods on their Pod addresses, found through the API server
+    // with a ServiceAccount's token.
+    let prometheus = scraping_prometheus(&f).await?;
+    let up = "up{job=\"example-operator\"}";
+    prometheus
+        .eventually(Duration::from_secs(60), up, |series| {
+            (series.len() == 2 && series.iter().all(|s| value(s) == Some(1.0))).then_some(())
+        })
+        .await?;
+    let leaders = "sum(leader_election_master_status{job=\"example-operator\"})";
+    prometheus
+        .eventually(Duration::from_secs(30), leaders, |series| {
+            (series.first().and_then(value) == Some(1.0)).then_some(())
+        })
+        .await?;
+    drop(prometheus);
 
     // The leader's Pod is deleted: the standby leads within a lease duration, and the
     // Deployment brings the replica count back.
@@ -176,6 +262,6 @@ async fn the_chart_runs_on_the_node_hands_over_and_upgrades_with_one_writer_at_a
     let report = f.one_writer_at_a_time(LEASE, &identities, false)?;
     ensure!(report.intervals.len() >= 2, "{report:?}");
 
-    succeeded(helm(&f, &["uninstall", RELEASE, "--namespace", f.ns()], &[])?)?;
+    drop(release);
     Ok(())
 }

@@ -6,21 +6,13 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use crd_types::{MyResource, MyResourceSpec, Phase};
-use e2e_tests::{
-    OperatorProcess, TEST_LEASE, TestCluster, TestNamespace, eventually, free_port, http_get, install_crds,
-};
+use e2e_tests::prometheus::{PrometheusServer, tool, value};
+use e2e_tests::{OperatorProcess, TEST_LEASE, TestCluster, TestNamespace, eventually, install_crds};
 use kube::api::{Api, PostParams};
-
-fn tool(name: &str) -> Result<std::path::PathBuf> {
-    let path = std::path::Path::new("/usr/bin").join(name);
-    ensure!(path.is_file(), "{name} is missing: install Debian's prometheus package (`apt-get install prometheus`)");
-    Ok(path)
-}
 
 #[tokio::test]
 async fn metrics_pass_promtool_and_a_real_prometheus_scrapes_them() -> Result<()> {
     let promtool = tool("promtool")?;
-    let prometheus = tool("prometheus")?;
     let cluster = TestCluster::get()?;
     let client = cluster.admin_client().await?;
     install_crds(&client).await?;
@@ -71,36 +63,16 @@ async fn metrics_pass_promtool_and_a_real_prometheus_scrapes_them() -> Result<()
     );
 
     // A real Prometheus scraping the operator every second.
-    let dir =
-        std::env::temp_dir().join(format!("example-operator-prometheus-{:06x}", rand::random::<u32>() & 0xff_ffff));
-    std::fs::create_dir_all(&dir)?;
     let config = format!(
         "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: example-operator\n    static_configs:\n      - targets: ['127.0.0.1:{}']\n",
         operator.metrics_port
     );
-    std::fs::write(dir.join("prometheus.yml"), config)?;
-    let port = free_port()?;
-    let _server = tokio::process::Command::new(&prometheus)
-        .arg(format!("--config.file={}", dir.join("prometheus.yml").display()))
-        .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
-        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-        .stdout(std::fs::File::create(dir.join("prometheus.log"))?)
-        .stderr(std::fs::File::create(dir.join("prometheus.err.log"))?)
-        .kill_on_drop(true)
-        .spawn()?;
-    let query = "/api/v1/query?query=controller_runtime_reconcile_total%7Bcontroller%3D%22myresource%22%2Cresult%3D%22success%22%7D";
-    let answer = eventually(Duration::from_secs(60), "Prometheus to return the reconcile series", || async {
-        let (code, body) = http_get(port, query).await?;
-        let value: serde_json::Value = serde_json::from_str(&body)?;
-        let results = value["data"]["result"].as_array().cloned().unwrap_or_default();
-        Ok((code == 200 && !results.is_empty()).then_some(results))
-    })
-    .await?;
-    let series = &answer[0];
+    let prometheus = PrometheusServer::start(&config)?;
+    let query = "controller_runtime_reconcile_total{controller=\"myresource\",result=\"success\"}";
+    let series = prometheus.eventually(Duration::from_secs(60), query, |series| series.first().cloned()).await?;
     ensure!(series["metric"]["job"] == "example-operator", "{series}");
     ensure!(series["metric"]["controller"] == "myresource" && series["metric"]["result"] == "success", "{series}");
-    let count: f64 = series["value"][1].as_str().context("a sample value")?.parse()?;
+    let count = value(&series).context("a sample value")?;
     ensure!(count >= 1.0, "{series}");
-    let _ = std::fs::remove_dir_all(&dir);
     namespace.delete().await
 }
