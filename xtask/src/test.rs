@@ -19,11 +19,12 @@ pub fn run(root: &Path, long: bool, with_node: bool, cargo_test_args: &[String])
     let operator_binary = crate::build_operator(root)?;
     // With a node, the chart's Pods run the dev build's image (quick to build; the demo and
     // README use the release build).
-    if state.containerd_socket.is_some() {
+    if let Some(socket) = &state.containerd_socket {
         let reference = crate::image::run(root, true)?;
         command
             .env("EXAMPLE_OPERATOR_IMAGE", &reference)
-            .env("EXAMPLE_OPERATOR_IMAGE_ARCHIVE", crate::image::archive_path(root));
+            .env("EXAMPLE_OPERATOR_IMAGE_ARCHIVE", crate::image::archive_path(root))
+            .env("EXAMPLE_OPERATOR_CONTAINERD_SOCKET", socket);
     }
     // Not current_exe(): the workspace build just replaced this very binary on disk.
     let xtask_binary = crate::target_dir(root).join("debug/xtask");
