@@ -330,6 +330,29 @@ where
     }
 }
 
+/// Runs the built helm (on PATH from `cargo xtask test`) as the administrator.
+pub fn helm(cluster: &TestCluster, args: &[&str]) -> Result<Output> {
+    Command::new("helm")
+        .arg("--kubeconfig")
+        .arg(&cluster.admin_kubeconfig)
+        .args(args)
+        .output()
+        .context("running helm (built by `cargo xtask cluster up`; run the tests with `cargo xtask test`)")
+}
+
+/// Standard output of a run that must succeed; both outputs in the error otherwise.
+pub fn succeeded(output: Output) -> Result<String> {
+    if !output.status.success() {
+        bail!(
+            "failed ({}):\n{}{}",
+            output.status,
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
 /// Standard output of a kubectl run that must succeed.
 pub fn stdout_of(output: &Output) -> Result<String> {
     if !output.status.success() {

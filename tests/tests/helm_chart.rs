@@ -4,13 +4,13 @@
 //! ownership, so they run one at a time.
 
 use std::path::PathBuf;
-use std::process::{Command, Output};
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 use crd_types::{MessageBroadcast, MessageBroadcastSpec, MyResource, MyResourceSpec, Phase};
 use e2e_tests::{
-    OperatorProcess, TEST_LEASE, TestCluster, TestNamespace, client_for, eventually, install_crds, stdout_of,
+    OperatorProcess, TEST_LEASE, TestCluster, TestNamespace, client_for, eventually, helm, install_crds, stdout_of,
+    succeeded,
 };
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret};
@@ -27,28 +27,6 @@ static ONE_AT_A_TIME: Mutex<()> = Mutex::const_new(());
 
 fn chart() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../charts/example-operator")
-}
-
-/// Runs the built helm (on PATH from `cargo xtask test`) as the administrator.
-fn helm(cluster: &TestCluster, args: &[&str]) -> Result<Output> {
-    Command::new("helm")
-        .arg("--kubeconfig")
-        .arg(&cluster.admin_kubeconfig)
-        .args(args)
-        .output()
-        .context("running helm (built by `cargo xtask cluster up`; run the tests with `cargo xtask test`)")
-}
-
-fn succeeded(output: Output) -> Result<String> {
-    if !output.status.success() {
-        bail!(
-            "failed ({}):\n{}{}",
-            output.status,
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
-    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
 fn chart_path() -> String {

@@ -4,12 +4,12 @@
 //! service-account token. What a user installing with Helm would see.
 
 use std::net::SocketAddr;
-use std::process::{Command, Output};
+use std::process::Output;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 use e2e_tests::prometheus::{PrometheusServer, value};
-use e2e_tests::{Fixture, eventually, http_get_at, sample, stdout_of};
+use e2e_tests::{Fixture, eventually, http_get_at, sample, stdout_of, succeeded};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
@@ -31,25 +31,13 @@ fn image_values() -> Result<Vec<String>> {
     Ok(vec![format!("image.repository={repository}"), format!("image.tag={tag}"), "image.pullPolicy=Never".to_owned()])
 }
 
+/// helm with `values` as `--set` arguments.
 fn helm(f: &Fixture, args: &[&str], values: &[String]) -> Result<Output> {
-    let mut command = Command::new("helm");
-    command.arg("--kubeconfig").arg(&f.cluster.admin_kubeconfig).args(args);
+    let mut all: Vec<&str> = args.to_vec();
     for value in values {
-        command.args(["--set", value]);
+        all.extend(["--set", value]);
     }
-    command.output().context("running helm (built by `cargo xtask cluster up`)")
-}
-
-fn succeeded(output: Output) -> Result<String> {
-    if !output.status.success() {
-        bail!(
-            "failed ({}):\n{}{}",
-            output.status,
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
-    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    e2e_tests::helm(&f.cluster, &all)
 }
 
 /// A Helm release uninstalled when dropped, so a failed test leaves no cluster-wide RBAC behind.
