@@ -146,12 +146,12 @@ pub fn up(root: &Path, with_node: bool) -> Result<(ClusterState, bool)> {
     if with_node {
         node::ensure_packages()?;
     }
-    let state = start(root, &binaries, with_node)?;
+    let state = start(&binaries, with_node)?;
     state.save(root)?;
     Ok((state, true))
 }
 
-fn start(root: &Path, binaries: &Binaries, with_node: bool) -> Result<ClusterState> {
+fn start(binaries: &Binaries, with_node: bool) -> Result<ClusterState> {
     let dir = std::env::temp_dir().join(format!("example-operator-cluster-{:08x}", rand::random::<u32>()));
     let logs = dir.join("logs");
     std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
@@ -261,7 +261,7 @@ fn start(root: &Path, binaries: &Binaries, with_node: bool) -> Result<ClusterSta
         )?);
         runtime.block_on(prove_namespace_controller(&state, &client))?;
         if with_node {
-            start_node(root, binaries, &pki, &server, &dir, &logs, &mut state, &runtime, &client)?;
+            start_node(binaries, &pki, &server, &dir, &logs, &mut state, &runtime, &client)?;
         }
         Ok::<_, anyhow::Error>(())
     })();
@@ -303,7 +303,6 @@ fn controllers(with_node: bool) -> String {
 /// until the node is Ready.
 #[allow(clippy::too_many_arguments)]
 fn start_node(
-    root: &Path,
     binaries: &Binaries,
     pki: &pki::Pki,
     server: &str,
@@ -326,7 +325,7 @@ fn start_node(
     state.containerd_socket = Some(files.containerd_socket.clone());
     wait_for(state, "containerd's socket", Duration::from_secs(30), || files.containerd_socket.exists())?;
     let pause = binaries::cache_dir()?.join(format!("pause-{}.tar", binaries.kubernetes_version));
-    node::pause_image(&root.join("xtask/go"), &binaries.kubernetes_version, &pause)?;
+    node::pause_image(&binaries.kubernetes_version, &pause)?;
     node::import_image(&files.containerd_socket, &pause)?;
 
     let kubelet_kubeconfig = pki::write_kubeconfig(pki, &node::KUBELET, server, dir)?;

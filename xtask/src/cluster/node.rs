@@ -320,7 +320,7 @@ state = "{state}"
 
 /// Builds the pause image (pause.c ships in the Kubernetes module) into `out` as a docker-archive
 /// tarball, unless present.
-pub fn pause_image(go_dir: &Path, version: &str, out: &Path) -> Result<()> {
+pub fn pause_image(version: &str, out: &Path) -> Result<()> {
     if out.is_file() {
         return Ok(());
     }
@@ -329,7 +329,6 @@ pub fn pause_image(go_dir: &Path, version: &str, out: &Path) -> Result<()> {
         PathBuf::from(module_cache.trim()).join(format!("k8s.io/kubernetes@{version}/build/pause/linux/pause.c"));
     if !source.is_file() {
         // The module is downloaded by the first build of the control plane.
-        let _ = go_dir;
         bail!("{} is missing: build the control plane first", source.display());
     }
     let scratch = out.with_extension("partial");
