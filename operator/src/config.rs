@@ -24,6 +24,10 @@ pub enum LogFormat {
 #[derive(Debug, Parser)]
 #[command(name = "example-operator", version, about = "Kubernetes operator for MyResource and MessageBroadcast")]
 pub struct Cli {
+    /// Without a subcommand, the operator runs.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
     /// Path to a kubeconfig; without it, the in-cluster configuration (or ~/.kube/config) is used.
     #[arg(long, env = "KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
@@ -113,6 +117,13 @@ pub struct Cli {
     /// How long one reconcile may run before it is cancelled and retried with backoff.
     #[arg(long, env = "RECONCILE_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
     pub reconcile_timeout: Duration,
+}
+
+/// Subcommands besides running the operator.
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// Check a running operator's HTTP endpoints (what the chart's `helm test` runs).
+    Check(crate::check::CheckArgs),
 }
 
 /// Timing and identity of the leader election.

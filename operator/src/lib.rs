@@ -1,6 +1,7 @@
 //! The example-operator process: configuration, leader election, HTTP endpoints, telemetry, and
 //! the wiring that runs the controllers of the `reconcilers` crate only while this replica leads.
 
+pub mod check;
 pub mod client;
 pub mod config;
 pub mod election;

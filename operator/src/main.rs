@@ -6,7 +6,24 @@ use clap::Parser;
 use operator::config::Cli;
 
 fn main() -> ExitCode {
-    let config = match Cli::parse().validate() {
+    let mut cli = Cli::parse();
+    if let Some(operator::config::Command::Check(args)) = cli.command.take() {
+        let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            Ok(runtime) => runtime,
+            Err(error) => {
+                eprintln!("error: starting the async runtime: {error}");
+                return ExitCode::FAILURE;
+            }
+        };
+        return match runtime.block_on(operator::check::run(args)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("check failed: {error:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let config = match cli.validate() {
         Ok(config) => config,
         Err(error) => {
             eprintln!("error: {error}");

@@ -186,6 +186,12 @@ async fn the_chart_runs_on_the_node_hands_over_and_upgrades_with_one_writer_at_a
     f.create("on-the-node", "reconciled by a Pod").await?;
     f.wait_ready("on-the-node", Duration::from_secs(60)).await?;
 
+    // `helm test`: the chart's test Pod (the operator's own image) checks the release through its
+    // metrics Service.
+    let tested = succeeded(helm(&f, &["test", RELEASE, "--namespace", f.ns(), "--logs"], &[])?)?;
+    ensure!(tested.contains("Phase:          Succeeded") || tested.contains("Phase: Succeeded"), "{tested}");
+    ensure!(tested.contains("metric leader_election_master_status: exposed"), "{tested}");
+
     // A real Prometheus scrapes both Pods on their Pod addresses, found through the API server
     // with a ServiceAccount's token.
     let prometheus = scraping_prometheus(&f).await?;
