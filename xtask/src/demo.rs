@@ -1,7 +1,9 @@
-//! `cargo xtask demo`: the main job on a fresh machine. Brings up the local control plane (or
-//! uses the cluster in KUBECONFIG), installs the CRDs, starts two operator replicas with leader
-//! election, applies the samples, shows them converge, and runs until Ctrl-C (or, with
-//! `--once`, until they converged), then cleans up what it started.
+//! `cargo xtask demo`: the main job on a fresh machine. On the local cluster (brought up with its
+//! node when none runs) it builds the operator's image, installs the Helm chart with it, starts a
+//! real Prometheus scraping both Pods, applies the samples and shows them converge. With a cluster
+//! in KUBECONFIG (where the local image cannot be had) it installs the CRDs and runs two replicas
+//! as local processes instead. It runs until Ctrl-C (or, with `--once`, until the samples
+//! converged), then removes what it started.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -19,6 +21,8 @@ use crate::{cluster, crdgen};
 /// Namespace of the replicas' Lease.
 const SYSTEM_NAMESPACE: &str = "example-operator-system";
 const LEASE: &str = "example-operator-leader";
+/// The Helm release on the local node (its full name, so the Lease is `example-operator-leader`).
+const RELEASE: &str = "example-operator";
 
 fn kubectl(kubeconfig: &Path, args: &[&str]) -> Result<String> {
     let output =
@@ -70,60 +74,208 @@ impl Replica {
 /// Runs the demo. With `once`, returns after showing convergence instead of waiting for Ctrl-C.
 pub fn run(root: &Path, once: bool) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    let (kubeconfig, started_cluster) = match std::env::var_os("KUBECONFIG").filter(|k| !k.is_empty()) {
-        Some(path) => {
-            eprintln!("using the cluster in KUBECONFIG={}", path.to_string_lossy());
-            (PathBuf::from(path), None)
-        }
-        None => {
-            let (state, started) = cluster::up(root, false)?;
-            let verb = if started { "started" } else { "reusing" };
-            eprintln!("{verb} the local control plane at {} (Kubernetes {})", state.server, state.kubernetes_version);
-            (state.admin_kubeconfig.clone(), started.then_some(state))
-        }
+    if let Some(path) = std::env::var_os("KUBECONFIG").filter(|k| !k.is_empty()) {
+        eprintln!("using the cluster in KUBECONFIG={}", path.to_string_lossy());
+        return run_processes(root, &PathBuf::from(path), once, &runtime);
+    }
+    let (state, started) = cluster::up(root, true)?;
+    let verb = if started { "started" } else { "reusing" };
+    eprintln!("{verb} the local cluster at {} (Kubernetes {})", state.server, state.kubernetes_version);
+    let result = if state.containerd_socket.is_some() {
+        run_on_node(root, &state, once, &runtime)
+    } else {
+        run_processes(root, &state.admin_kubeconfig, once, &runtime)
     };
-
-    let result = (|| -> Result<()> {
-        let crds = crdgen::crd_dir(root);
-        kubectl(&kubeconfig, &["apply", "--server-side", "-f", &crds.display().to_string()])?;
-        kubectl(
-            &kubeconfig,
-            &[
-                "wait",
-                "--for=condition=Established",
-                "--timeout=60s",
-                "crd/myresources.example.com",
-                "crd/messagebroadcasts.example.com",
-            ],
-        )?;
-        eprintln!("CRDs installed");
-        let namespace =
-            kubectl(&kubeconfig, &["create", "namespace", SYSTEM_NAMESPACE, "--dry-run=client", "-o", "yaml"])?;
-        apply_stdin(&kubeconfig, &namespace)?;
-
-        let binary = crate::build_operator(root)?;
-        let log_dir = root.join("target/demo");
-        std::fs::create_dir_all(&log_dir)?;
-        let replicas = vec![
-            Replica::start(&binary, &kubeconfig, 0, &log_dir)?,
-            Replica::start(&binary, &kubeconfig, 1, &log_dir)?,
-        ];
-        let shown = runtime.block_on(show_convergence(root, &kubeconfig));
-        if shown.is_ok() && !once {
-            eprintln!("\nrunning; replica logs are in {}. Press Ctrl-C to stop.", log_dir.display());
-            runtime.block_on(tokio::signal::ctrl_c())?;
-            eprintln!();
-        }
-        for replica in replicas {
-            replica.stop()?;
-        }
-        shown
-    })();
-    if let Some(state) = started_cluster {
+    if started {
         state.stop(root)?;
-        eprintln!("stopped the local control plane");
+        eprintln!("stopped the local cluster");
     }
     result
+}
+
+/// The chart on the local node, with the image built here, scraped by a real Prometheus.
+fn run_on_node(
+    root: &Path,
+    state: &cluster::ClusterState,
+    once: bool,
+    runtime: &tokio::runtime::Runtime,
+) -> Result<()> {
+    let kubeconfig = &state.admin_kubeconfig;
+    let reference = crate::image::run(root, false)?;
+    let (repository, tag) = reference.rsplit_once(':').context("an image reference")?;
+    let helm = |args: &[&str]| -> Result<String> {
+        let output = Command::new("helm")
+            .env("PATH", state.path_with_tools()?)
+            .arg("--kubeconfig")
+            .arg(kubeconfig)
+            .args(args)
+            .output()
+            .context("running helm")?;
+        if !output.status.success() {
+            bail!("helm {} failed: {}", args.join(" "), String::from_utf8_lossy(&output.stderr));
+        }
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    };
+    let chart = root.join("charts/example-operator").display().to_string();
+    let (repository_value, tag_value) = (format!("image.repository={repository}"), format!("image.tag={tag}"));
+    helm(&[
+        "install",
+        RELEASE,
+        &chart,
+        "--namespace",
+        SYSTEM_NAMESPACE,
+        "--create-namespace",
+        "--set",
+        &repository_value,
+        "--set",
+        &tag_value,
+        "--set",
+        "image.pullPolicy=Never",
+    ])?;
+    eprintln!("installed the chart as release {RELEASE} with {reference}");
+    let result = runtime.block_on(async {
+        let client = crate::harness::client_for(kubeconfig).await?;
+        let pods = ready_pods(&client, Duration::from_secs(180)).await?;
+        let prometheus = Prometheus::start(&root.join("target/demo"), &pods)?;
+        show_convergence(root, kubeconfig).await?;
+        println!(
+            "$ kubectl get pods -n {SYSTEM_NAMESPACE} -o wide\n{}",
+            kubectl(kubeconfig, &["get", "pods", "-n", SYSTEM_NAMESPACE, "-o", "wide"])?.trim_end()
+        );
+        let answer = prometheus.leaders().await?;
+        println!(
+            "\nPrometheus (http://127.0.0.1:{}) scraping both Pods: sum(leader_election_master_status) = {answer}\n",
+            prometheus.port
+        );
+        if !once {
+            eprintln!("running. Press Ctrl-C to uninstall and stop.");
+            tokio::signal::ctrl_c().await?;
+        }
+        Ok::<_, anyhow::Error>(())
+    });
+    let uninstalled = helm(&["uninstall", RELEASE, "--namespace", SYSTEM_NAMESPACE, "--wait"]);
+    eprintln!("uninstalled the release (the CRDs and custom resources are kept)");
+    result.and(uninstalled.map(|_| ()))
+}
+
+/// Waits until both of the release's Pods are Ready; returns their metrics addresses.
+async fn ready_pods(client: &kube::Client, timeout: Duration) -> Result<Vec<String>> {
+    use k8s_openapi::api::core::v1::Pod;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), SYSTEM_NAMESPACE);
+    let deadline = Instant::now() + timeout;
+    loop {
+        let listed = pods
+            .list(&kube::api::ListParams::default().labels(&format!("app.kubernetes.io/instance={RELEASE}")))
+            .await?;
+        let ready: Vec<String> = listed
+            .items
+            .iter()
+            .filter(|pod| {
+                pod.status
+                    .as_ref()
+                    .and_then(|s| s.conditions.as_ref())
+                    .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+            })
+            .filter_map(|pod| Some(format!("{}:8080", pod.status.as_ref()?.pod_ip.as_ref()?)))
+            .collect();
+        if ready.len() == 2 {
+            eprintln!("both Pods are Ready (kubelet probes): {}", ready.join(", "));
+            return Ok(ready);
+        }
+        if Instant::now() > deadline {
+            bail!("the release's Pods were not Ready within {timeout:?}:\n{}", listed.items.len());
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Debian's Prometheus scraping the Pods every second (it is built without Kubernetes service
+/// discovery, so the Pods' addresses are given to it as a file).
+struct Prometheus {
+    port: u16,
+    _child: tokio::process::Child,
+}
+
+impl Prometheus {
+    fn start(dir: &Path, targets: &[String]) -> Result<Self> {
+        let binary = Path::new("/usr/bin/prometheus");
+        if !binary.is_file() {
+            bail!("prometheus is missing: install Debian's prometheus package (`apt-get install prometheus`)");
+        }
+        let dir = dir.join("prometheus");
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        let targets = serde_json::json!([{"targets": targets, "labels": {"namespace": SYSTEM_NAMESPACE}}]);
+        std::fs::write(dir.join("pods.json"), serde_json::to_string(&targets)?)?;
+        let config = format!(
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: example-operator\n    file_sd_configs:\n      - files: [\"{}\"]\n",
+            dir.join("pods.json").display()
+        );
+        std::fs::write(dir.join("prometheus.yml"), config)?;
+        let port = crate::harness::free_port()?;
+        let child = tokio::process::Command::new(binary)
+            .arg(format!("--config.file={}", dir.join("prometheus.yml").display()))
+            .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(std::fs::File::create(dir.join("prometheus.log"))?)
+            .stderr(std::fs::File::create(dir.join("prometheus.err.log"))?)
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting prometheus")?;
+        Ok(Self { port, _child: child })
+    }
+
+    /// Waits until Prometheus has scraped both Pods and answers the number of leaders.
+    async fn leaders(&self) -> Result<f64> {
+        let query = "/api/v1/query?query=sum(leader_election_master_status)%20and%20on()%20(count(up%3D%3D1)%3D%3D2)";
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok((200, body)) = crate::harness::http_get(self.port, query).await {
+                let answer: serde_json::Value = serde_json::from_str(&body)?;
+                if let Some(value) = answer["data"]["result"][0]["value"][1].as_str() {
+                    return Ok(value.parse()?);
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("Prometheus did not scrape both Pods within 60s");
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+}
+
+/// Two replicas as local processes against `kubeconfig` (a cluster that cannot run the local image).
+fn run_processes(root: &Path, kubeconfig: &Path, once: bool, runtime: &tokio::runtime::Runtime) -> Result<()> {
+    let crds = crdgen::crd_dir(root);
+    kubectl(kubeconfig, &["apply", "--server-side", "-f", &crds.display().to_string()])?;
+    kubectl(
+        kubeconfig,
+        &[
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            "crd/myresources.example.com",
+            "crd/messagebroadcasts.example.com",
+        ],
+    )?;
+    eprintln!("CRDs installed");
+    let namespace = kubectl(kubeconfig, &["create", "namespace", SYSTEM_NAMESPACE, "--dry-run=client", "-o", "yaml"])?;
+    apply_stdin(kubeconfig, &namespace)?;
+    let binary = crate::build_operator(root)?;
+    let log_dir = root.join("target/demo");
+    std::fs::create_dir_all(&log_dir)?;
+    let replicas =
+        vec![Replica::start(&binary, kubeconfig, 0, &log_dir)?, Replica::start(&binary, kubeconfig, 1, &log_dir)?];
+    let shown = runtime.block_on(show_convergence(root, kubeconfig));
+    if shown.is_ok() && !once {
+        eprintln!("\nrunning; replica logs are in {}. Press Ctrl-C to stop.", log_dir.display());
+        runtime.block_on(tokio::signal::ctrl_c())?;
+        eprintln!();
+    }
+    for replica in replicas {
+        replica.stop()?;
+    }
+    shown
 }
 
 fn apply_stdin(kubeconfig: &Path, manifest: &str) -> Result<()> {
