@@ -6,7 +6,7 @@
 
 pub mod audit;
 pub mod fault_proxy;
-pub mod prometheus;
+pub use xtask::prometheus;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};

@@ -17,6 +17,7 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
 use crate::{cluster, crdgen};
+use xtask::prometheus::PrometheusServer;
 
 /// Namespace of the replicas' Lease.
 const SYSTEM_NAMESPACE: &str = "example-operator-system";
@@ -136,13 +137,17 @@ fn run_on_node(
     let result = runtime.block_on(async {
         let client = crate::harness::client_for(kubeconfig).await?;
         let pods = ready_pods(&client, Duration::from_secs(180)).await?;
-        let prometheus = Prometheus::start(&root.join("target/demo"), &pods)?;
+        let prometheus = scraping(root, &pods)?;
         show_convergence(root, kubeconfig).await?;
         println!(
             "$ kubectl get pods -n {SYSTEM_NAMESPACE} -o wide\n{}",
             kubectl(kubeconfig, &["get", "pods", "-n", SYSTEM_NAMESPACE, "-o", "wide"])?.trim_end()
         );
-        let answer = prometheus.leaders().await?;
+        // Once both Pods are scraped, the number of replicas that say they lead.
+        let query = "sum(leader_election_master_status) and on() (count(up == 1) == 2)";
+        let answer = prometheus
+            .eventually(Duration::from_secs(60), query, |series| series.first().and_then(xtask::prometheus::value))
+            .await?;
         println!(
             "\nPrometheus (http://127.0.0.1:{}) scraping both Pods: sum(leader_election_master_status) = {answer}\n",
             prometheus.port
@@ -191,57 +196,16 @@ async fn ready_pods(client: &kube::Client, timeout: Duration) -> Result<Vec<Stri
 
 /// Debian's Prometheus scraping the Pods every second (it is built without Kubernetes service
 /// discovery, so the Pods' addresses are given to it as a file).
-struct Prometheus {
-    port: u16,
-    _child: tokio::process::Child,
-}
-
-impl Prometheus {
-    fn start(dir: &Path, targets: &[String]) -> Result<Self> {
-        let binary = Path::new("/usr/bin/prometheus");
-        if !binary.is_file() {
-            bail!("prometheus is missing: install Debian's prometheus package (`apt-get install prometheus`)");
-        }
-        let dir = dir.join("prometheus");
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir)?;
-        let targets = serde_json::json!([{"targets": targets, "labels": {"namespace": SYSTEM_NAMESPACE}}]);
-        std::fs::write(dir.join("pods.json"), serde_json::to_string(&targets)?)?;
-        let config = format!(
-            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: example-operator\n    file_sd_configs:\n      - files: [\"{}\"]\n",
-            dir.join("pods.json").display()
-        );
-        std::fs::write(dir.join("prometheus.yml"), config)?;
-        let port = crate::harness::free_port()?;
-        let child = tokio::process::Command::new(binary)
-            .arg(format!("--config.file={}", dir.join("prometheus.yml").display()))
-            .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
-            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-            .stdout(std::fs::File::create(dir.join("prometheus.log"))?)
-            .stderr(std::fs::File::create(dir.join("prometheus.err.log"))?)
-            .kill_on_drop(true)
-            .spawn()
-            .context("starting prometheus")?;
-        Ok(Self { port, _child: child })
-    }
-
-    /// Waits until Prometheus has scraped both Pods and answers the number of leaders.
-    async fn leaders(&self) -> Result<f64> {
-        let query = "/api/v1/query?query=sum(leader_election_master_status)%20and%20on()%20(count(up%3D%3D1)%3D%3D2)";
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Ok((200, body)) = crate::harness::http_get(self.port, query).await {
-                let answer: serde_json::Value = serde_json::from_str(&body)?;
-                if let Some(value) = answer["data"]["result"][0]["value"][1].as_str() {
-                    return Ok(value.parse()?);
-                }
-            }
-            if Instant::now() > deadline {
-                bail!("Prometheus did not scrape both Pods within 60s");
-            }
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
-    }
+fn scraping(root: &Path, targets: &[String]) -> Result<PrometheusServer> {
+    let dir = crate::target_dir(root).join("demo");
+    std::fs::create_dir_all(&dir)?;
+    let targets = serde_json::json!([{"targets": targets, "labels": {"namespace": SYSTEM_NAMESPACE}}]);
+    std::fs::write(dir.join("pods.json"), serde_json::to_string(&targets)?)?;
+    let config = format!(
+        "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: example-operator\n    file_sd_configs:\n      - files: [\"{}\"]\n",
+        dir.join("pods.json").display()
+    );
+    PrometheusServer::start(&config)
 }
 
 /// Two replicas as local processes against `kubeconfig` (a cluster that cannot run the local image).

@@ -1,12 +1,12 @@
-//! A real Prometheus server (Debian's `prometheus` package) for the tests: started with a
-//! configuration, queried over its HTTP API, stopped when dropped.
+//! A real Prometheus server (Debian's `prometheus` package) for the tests and the demo: started
+//! with a configuration, queried over its HTTP API, stopped when dropped.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 
-use crate::{eventually, free_port, http_get};
+use crate::harness::{free_port, http_get};
 
 /// A tool of Debian's `prometheus` package (`prometheus`, `promtool`).
 pub fn tool(name: &str) -> Result<PathBuf> {
@@ -65,11 +65,26 @@ impl PrometheusServer {
         query: &str,
         accept: impl Fn(&[serde_json::Value]) -> Option<T>,
     ) -> Result<T> {
-        eventually(timeout, &format!("Prometheus to answer {query} as expected"), || async {
-            Ok(accept(&self.query(query).await?))
-        })
-        .await
-        .map_err(|e| e.context(self.log()))
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut last_error = None;
+        loop {
+            match self.query(query).await {
+                Ok(series) => {
+                    if let Some(accepted) = accept(&series) {
+                        return Ok(accepted);
+                    }
+                }
+                Err(error) => last_error = Some(error),
+            }
+            if tokio::time::Instant::now() > deadline {
+                let cause = last_error.map(|e| format!(" (last error: {e:#})")).unwrap_or_default();
+                anyhow::bail!(
+                    "Prometheus did not answer {query} as expected within {timeout:?}{cause}\n{}",
+                    self.log()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
     }
 
     /// The server's log, for failure messages.
