@@ -12,6 +12,7 @@ pub mod message_broadcast;
 pub mod metrics;
 pub mod my_resource;
 pub mod owned_config_map;
+pub mod queue;
 pub mod shared_cache;
 
 use std::collections::BTreeSet;

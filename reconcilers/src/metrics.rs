@@ -9,7 +9,13 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use prometheus::core::Collector;
-use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry};
+use prometheus::{GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry};
+
+use crate::queue::QueueMetrics;
+
+/// The labels of every `workqueue_*` metric: controller-runtime names each queue after its
+/// controller and gives both labels that name.
+const QUEUE_LABELS: &[&str] = &["name", "controller"];
 
 /// Every metric of the reconcilers, registered in [`Metrics::registry`].
 #[derive(Clone, Debug)]
@@ -26,8 +32,23 @@ pub struct Metrics {
     pub max_concurrent_reconciles: IntGaugeVec,
     /// `controller_runtime_active_workers{controller}`.
     pub active_workers: IntGaugeVec,
-    /// `workqueue_retries_total{name,controller}`: requeues after an error.
+    /// `workqueue_retries_total{name,controller}`: every delayed add (error retries and
+    /// requeue-after), as controller-runtime ≥ 0.24 counts.
     pub workqueue_retries_total: IntCounterVec,
+    /// `workqueue_depth{name,controller}`: keys ready to be worked on.
+    pub workqueue_depth: IntGaugeVec,
+    /// `workqueue_adds_total{name,controller}`: keys that entered the ready queue.
+    pub workqueue_adds_total: IntCounterVec,
+    /// `workqueue_queue_duration_seconds{name,controller}`: ready → handed to a worker.
+    pub workqueue_queue_duration_seconds: HistogramVec,
+    /// `workqueue_work_duration_seconds{name,controller}`: handed to a worker → done.
+    pub workqueue_work_duration_seconds: HistogramVec,
+    /// `workqueue_unfinished_work_seconds{name,controller}`: summed age of work in progress.
+    pub workqueue_unfinished_work_seconds: GaugeVec,
+    /// `workqueue_longest_running_processor_seconds{name,controller}`: age of the oldest.
+    pub workqueue_longest_running_processor_seconds: GaugeVec,
+    /// `controller_runtime_reconcile_panics_total{controller}`: reconciles that panicked.
+    pub reconcile_panics_total: IntCounterVec,
     /// `rest_client_requests_total{code,method,host}`.
     pub rest_client_requests_total: IntCounterVec,
     /// `example_operator_reconcile_errors_by_reason_total{controller,reason}`.
@@ -64,7 +85,46 @@ impl Metrics {
             &["controller"],
         )?;
         registry.register(Box::new(reconcile_time_seconds.clone()))?;
+        // client-go's workqueue buckets: 10 ns to 1000 s, ten per decade step.
+        let queue_histogram = |name: &str, help: &str| -> Result<HistogramVec, prometheus::Error> {
+            let buckets = prometheus::exponential_buckets(10e-9, 10.0, 12)?;
+            let metric = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), QUEUE_LABELS)?;
+            registry.register(Box::new(metric.clone()))?;
+            Ok(metric)
+        };
+        let float_gauge = |name: &str, help: &str| -> Result<GaugeVec, prometheus::Error> {
+            let metric = GaugeVec::new(Opts::new(name, help), QUEUE_LABELS)?;
+            registry.register(Box::new(metric.clone()))?;
+            Ok(metric)
+        };
         Ok(Self {
+            workqueue_depth: gauge("workqueue_depth", "Current depth of workqueue", QUEUE_LABELS)?,
+            workqueue_adds_total: counter(
+                "workqueue_adds_total",
+                "Total number of adds handled by workqueue",
+                QUEUE_LABELS,
+            )?,
+            workqueue_queue_duration_seconds: queue_histogram(
+                "workqueue_queue_duration_seconds",
+                "How long in seconds an item stays in workqueue before being requested",
+            )?,
+            workqueue_work_duration_seconds: queue_histogram(
+                "workqueue_work_duration_seconds",
+                "How long in seconds processing an item from workqueue takes.",
+            )?,
+            workqueue_unfinished_work_seconds: float_gauge(
+                "workqueue_unfinished_work_seconds",
+                "How many seconds of work has been done that is in progress and hasn't been observed by work_duration. Large values indicate stuck threads. One can deduce the number of stuck threads by observing the rate at which this increases.",
+            )?,
+            workqueue_longest_running_processor_seconds: float_gauge(
+                "workqueue_longest_running_processor_seconds",
+                "How many seconds has the longest running processor for workqueue been running.",
+            )?,
+            reconcile_panics_total: counter(
+                "controller_runtime_reconcile_panics_total",
+                "Total number of reconciliation panics per controller",
+                &["controller"],
+            )?,
             reconcile_total: counter(
                 "controller_runtime_reconcile_total",
                 "Total number of reconciliations per controller",
@@ -89,7 +149,7 @@ impl Metrics {
             workqueue_retries_total: counter(
                 "workqueue_retries_total",
                 "Total number of retries handled by workqueue",
-                &["name", "controller"],
+                QUEUE_LABELS,
             )?,
             rest_client_requests_total: counter(
                 "rest_client_requests_total",
@@ -158,6 +218,20 @@ impl Metrics {
     /// Write requests (POST, PUT, PATCH, DELETE) counted so far.
     pub fn write_requests(&self) -> u64 {
         ["POST", "PUT", "PATCH", "DELETE"].iter().map(|m| self.requests_with_method(m)).sum()
+    }
+
+    /// The `workqueue_*` metrics of `controller`'s queue, every series present from the start.
+    pub fn queue_metrics(&self, controller: &str) -> QueueMetrics {
+        let labels = [controller, controller];
+        QueueMetrics {
+            depth: self.workqueue_depth.with_label_values(&labels),
+            adds: self.workqueue_adds_total.with_label_values(&labels),
+            queue_duration: self.workqueue_queue_duration_seconds.with_label_values(&labels),
+            work_duration: self.workqueue_work_duration_seconds.with_label_values(&labels),
+            unfinished_work: self.workqueue_unfinished_work_seconds.with_label_values(&labels),
+            longest_running: self.workqueue_longest_running_processor_seconds.with_label_values(&labels),
+            retries: self.workqueue_retries_total.with_label_values(&labels),
+        }
     }
 
     /// Reconciles of `controller` counted so far, whatever their result.

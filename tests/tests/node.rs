@@ -8,12 +8,19 @@ use std::process::Output;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
+use crd_types::{MessageBroadcast, MessageBroadcastSpec, MyResource, MyResourceSpec, Phase};
 use e2e_tests::prometheus::{PrometheusServer, value};
-use e2e_tests::{Fixture, eventually, http_get_at, sample, stdout_of, succeeded};
+use e2e_tests::{Fixture, TestNamespace, client_for, eventually, http_get_at, sample, stdout_of, succeeded};
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::Pod;
-use kube::ResourceExt;
-use kube::api::{Api, DeleteParams, ListParams};
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Secret};
+use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::api::rbac::v1::{ClusterRole, Role};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::{Client, ResourceExt};
+use serde_json::json;
 use tokio::sync::Mutex;
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::const_new(());
@@ -43,18 +50,31 @@ fn helm(f: &Fixture, args: &[&str], values: &[String]) -> Result<Output> {
 /// A Helm release uninstalled when dropped, so a failed test leaves no cluster-wide RBAC behind.
 struct Release<'a> {
     f: &'a Fixture,
+    name: &'static str,
+    installed: bool,
 }
 
 impl<'a> Release<'a> {
-    fn install(f: &'a Fixture, values: &[String]) -> Result<Self> {
-        succeeded(helm(f, &["install", RELEASE, &chart(), "--namespace", f.ns()], values)?)?;
-        Ok(Self { f })
+    fn install(f: &'a Fixture, name: &'static str, args: &[&str], values: &[String]) -> Result<Self> {
+        let chart = chart();
+        let mut all = vec!["install", name, chart.as_str(), "--namespace", f.ns()];
+        all.extend(args);
+        succeeded(helm(f, &all, values)?)?;
+        Ok(Self { f, name, installed: true })
+    }
+
+    /// `helm uninstall`, reporting its failure.
+    fn uninstall(mut self) -> Result<()> {
+        self.installed = false;
+        succeeded(helm(self.f, &["uninstall", self.name, "--namespace", self.f.ns(), "--wait"], &[])?).map(drop)
     }
 }
 
 impl Drop for Release<'_> {
     fn drop(&mut self) {
-        let _ = helm(self.f, &["uninstall", RELEASE, "--namespace", self.f.ns()], &[]);
+        if self.installed {
+            let _ = helm(self.f, &["uninstall", self.name, "--namespace", self.f.ns()], &[]);
+        }
     }
 }
 
@@ -79,9 +99,9 @@ fn values() -> Result<Vec<String>> {
 }
 
 /// The release's Pods that are Ready (by the kubelet's probes), by name with their IPs.
-async fn ready_pods(f: &Fixture) -> Result<Vec<(String, String)>> {
+async fn ready_pods(f: &Fixture, release: &str) -> Result<Vec<(String, String)>> {
     let pods: Api<Pod> = Api::namespaced(f.client.clone(), f.ns());
-    let listed = pods.list(&ListParams::default().labels(&format!("app.kubernetes.io/instance={RELEASE}"))).await?;
+    let listed = pods.list(&ListParams::default().labels(&format!("app.kubernetes.io/instance={release}"))).await?;
     Ok(listed
         .items
         .iter()
@@ -100,21 +120,23 @@ async fn ready_pods(f: &Fixture) -> Result<Vec<(String, String)>> {
 /// reports leading; returns the Pods and the leader's name.
 async fn ready_with_one_leader(
     f: &Fixture,
+    release: &str,
     count: usize,
     timeout: Duration,
 ) -> Result<(Vec<(String, String)>, String)> {
+    let lease = format!("{release}-example-operator-leader");
     eventually(timeout, &format!("{count} Ready Pods with exactly one leader"), || async {
-        let pods = ready_pods(f).await?;
+        let pods = ready_pods(f, release).await?;
         if pods.len() != count {
             return Ok(None);
         }
-        let Some(holder) = f.lease_holder(LEASE).await? else { return Ok(None) };
+        let Some(holder) = f.lease_holder(&lease).await? else { return Ok(None) };
         let mut leading = Vec::new();
         for (name, ip) in &pods {
             let address: SocketAddr = format!("{ip}:8080").parse()?;
             let (code, metrics) = http_get_at(address, "/metrics").await?;
             ensure!(code == 200, "{name}'s /metrics answered {code}");
-            if sample(&metrics, &format!("leader_election_master_status{{name=\"{LEASE}\"}}")) == Some(1.0) {
+            if sample(&metrics, &format!("leader_election_master_status{{name=\"{lease}\"}}")) == Some(1.0) {
                 leading.push(name.clone());
             }
         }
@@ -177,11 +199,13 @@ async fn scraping_prometheus(f: &Fixture) -> Result<PrometheusServer> {
 async fn the_chart_runs_on_the_node_hands_over_and_upgrades_with_one_writer_at_a_time() -> Result<()> {
     let _serial = ONE_AT_A_TIME.lock().await;
     let f = Fixture::new("node-chart").await?;
-    let values = values()?;
-    let release = Release::install(&f, &values)?;
+    let mut values = values()?;
+    // The release installs (and adopts) the CRDs, so its uninstall shows they are kept.
+    values.push("crds.install=true".to_owned());
+    let release = Release::install(&f, RELEASE, &["--take-ownership"], &values)?;
 
     // Both Pods Ready through the kubelet's probes; exactly one leads, and the Lease names a Pod.
-    let (pods, leader) = ready_with_one_leader(&f, 2, Duration::from_secs(120)).await?;
+    let (pods, leader) = ready_with_one_leader(&f, RELEASE, 2, Duration::from_secs(120)).await?;
     ensure!(pods.iter().any(|(name, _)| *name == leader), "the Lease holder {leader} is one of the Pods {pods:?}");
     f.create("on-the-node", "reconciled by a Pod").await?;
     f.wait_ready("on-the-node", Duration::from_secs(60)).await?;
@@ -220,7 +244,7 @@ async fn the_chart_runs_on_the_node_hands_over_and_upgrades_with_one_writer_at_a
     .await?;
     let took = deleted.elapsed();
     ensure!(took <= Duration::from_secs(4), "{successor} led {took:?} after the delete; the lease is 4 s");
-    let (pods, _) = ready_with_one_leader(&f, 2, Duration::from_secs(120)).await?;
+    let (pods, _) = ready_with_one_leader(&f, RELEASE, 2, Duration::from_secs(120)).await?;
     ensure!(!pods.iter().any(|(name, _)| *name == leader), "the deleted Pod was replaced: {pods:?}");
 
     // An upgrade that changes a value rolls every Pod.
@@ -239,7 +263,7 @@ async fn the_chart_runs_on_the_node_hands_over_and_upgrades_with_one_writer_at_a
         Ok(done.then_some(()))
     })
     .await?;
-    ready_with_one_leader(&f, 2, Duration::from_secs(60)).await?;
+    ready_with_one_leader(&f, RELEASE, 2, Duration::from_secs(60)).await?;
     f.create("after-upgrade", "reconciled after the rolling update").await?;
     f.wait_ready("after-upgrade", Duration::from_secs(60)).await?;
 
@@ -256,6 +280,189 @@ async fn the_chart_runs_on_the_node_hands_over_and_upgrades_with_one_writer_at_a
     let report = f.one_writer_at_a_time(LEASE, &identities, false)?;
     ensure!(report.intervals.len() >= 2, "{report:?}");
 
-    drop(release);
+    // `helm uninstall` removes the Pods and the cluster-wide RBAC, and keeps the CRDs and the
+    // custom resources (`crds.keep`).
+    release.uninstall()?;
+    // The Deployment's Pods go (after their grace period); the `helm test` Pod stays for its
+    // logs, as Helm leaves every hook (its delete policy only replaces it on the next test).
+    let pods: Api<Pod> = Api::namespaced(f.client.clone(), f.ns());
+    let test_pod = format!("{DEPLOYMENT}-test");
+    eventually(Duration::from_secs(60), "the release's Pods to be gone after uninstall", || async {
+        let left = pods.list(&ListParams::default().labels(&format!("app.kubernetes.io/instance={RELEASE}"))).await?;
+        let names: Vec<String> = left.items.iter().map(|p| p.name_any()).collect();
+        Ok((names == [test_pod.clone()]).then_some(()))
+    })
+    .await?;
+    ensure!(
+        Api::<ClusterRole>::all(f.client.clone()).get_opt(DEPLOYMENT).await?.is_none(),
+        "the ClusterRole is removed"
+    );
+    let crds: Api<CustomResourceDefinition> = Api::all(f.client.clone());
+    for crd in ["myresources.example.com", "messagebroadcasts.example.com"] {
+        let kept = crds.get_opt(crd).await?.context(format!("{crd} was deleted by the uninstall"))?;
+        ensure!(
+            kept.annotations().get("meta.helm.sh/release-name").map(String::as_str) == Some(RELEASE),
+            "{crd} was the release's"
+        );
+    }
+    for name in ["on-the-node", "after-upgrade"] {
+        ensure!(f.resources.get_opt(name).await?.is_some(), "MyResource {name} is kept");
+    }
     Ok(())
+}
+
+/// Everything the operator's RBAC has to allow, as outcomes a user would check. Fails (with the
+/// step that did not happen) within about `step` per step when a permission is missing.
+async fn exercise_every_permission(client: &Client, ns: &str, other: &str, step: Duration) -> Result<()> {
+    let resources: Api<MyResource> = Api::namespaced(client.clone(), ns);
+    let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
+    // myresources list/watch, configmaps create, myresources/status patch.
+    resources
+        .create(&PostParams::default(), &MyResource::new("rbac", MyResourceSpec { message: "allowed".into() }))
+        .await?;
+    eventually(step, "MyResource Ready with its ConfigMap", || async {
+        let ready = resources.get("rbac").await?.status.and_then(|s| s.phase) == Some(Phase::Ready);
+        Ok((ready && config_maps.get_opt("rbac-configmap").await?.is_some()).then_some(()))
+    })
+    .await?;
+    // configmaps patch (drift repair), twice: the repeated event is merged by events patch.
+    for attempt in 0..2 {
+        config_maps
+            .patch("rbac-configmap", &PatchParams::default(), &Patch::Merge(json!({"data": {"message": "tampered"}})))
+            .await?;
+        eventually(step, &format!("drift repair #{attempt}"), || async {
+            let message = config_maps.get("rbac-configmap").await?.data.and_then(|d| d.get("message").cloned());
+            Ok((message.as_deref() == Some("allowed")).then_some(()))
+        })
+        .await?;
+    }
+    // configmaps get (a foreign ConfigMap is not in the cache), events create.
+    let foreign: ConfigMap =
+        serde_json::from_value(json!({"metadata": {"name": "blocked-configmap"}, "data": {"message": "mine"}}))?;
+    config_maps.create(&PostParams::default(), &foreign).await?;
+    resources
+        .create(&PostParams::default(), &MyResource::new("blocked", MyResourceSpec { message: "x".into() }))
+        .await?;
+    let events: Api<Event> = Api::namespaced(client.clone(), ns);
+    eventually(step, "Failed status and a Warning event for the conflict", || async {
+        let failed = resources.get("blocked").await?.status.and_then(|s| s.phase) == Some(Phase::Failed);
+        let list = events.list(&ListParams::default()).await?;
+        let warned = list.items.iter().any(|e| e.reason.as_deref() == Some("ConfigMapConflict"));
+        let series = list.items.iter().any(|e| e.reason.as_deref() == Some("ConfigMapUpdated") && e.series.is_some());
+        Ok((failed && warned && series).then_some(()))
+    })
+    .await?;
+    // messagebroadcasts list/watch + status patch, namespaces list/watch, configmaps delete.
+    let key = format!("rbac.example.com/{ns}");
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    namespaces
+        .patch(other, &PatchParams::default(), &Patch::Merge(json!({"metadata": {"labels": {&key: "yes"}}})))
+        .await?;
+    let broadcasts: Api<MessageBroadcast> = Api::all(client.clone());
+    let selector =
+        LabelSelector { match_labels: Some([(key.clone(), "yes".to_owned())].into()), match_expressions: None };
+    let spec = MessageBroadcastSpec { message: "everyone".into(), namespace_selector: selector, config_map_name: None };
+    broadcasts.create(&PostParams::default(), &MessageBroadcast::new(ns, spec)).await?;
+    let copies: Api<ConfigMap> = Api::namespaced(client.clone(), other);
+    let outcome = async {
+        eventually(step, "the broadcast's copy and status", || async {
+            let status = broadcasts.get(ns).await?.status.unwrap_or_default();
+            Ok((status.ready_namespaces == 1 && copies.get_opt(ns).await?.is_some()).then_some(()))
+        })
+        .await?;
+        namespaces
+            .patch(other, &PatchParams::default(), &Patch::Merge(json!({"metadata": {"labels": {&key: null}}})))
+            .await?;
+        eventually(step, "the copy to be deleted from the unselected namespace", || async {
+            Ok(copies.get_opt(ns).await?.is_none().then_some(()))
+        })
+        .await
+    }
+    .await;
+    // The broadcast is cluster-scoped: it goes whatever happened.
+    broadcasts.delete(ns, &Default::default()).await?;
+    outcome
+}
+
+/// Scales the release's Deployment to `replicas` and, for zero, waits until its Pods are gone.
+async fn scale(f: &Fixture, deployment: &str, release: &str, replicas: i32) -> Result<()> {
+    let deployments: Api<Deployment> = Api::namespaced(f.client.clone(), f.ns());
+    deployments
+        .patch(deployment, &PatchParams::default(), &Patch::Merge(json!({"spec": {"replicas": replicas}})))
+        .await?;
+    let pods: Api<Pod> = Api::namespaced(f.client.clone(), f.ns());
+    let selector = format!("app.kubernetes.io/instance={release}");
+    eventually(Duration::from_secs(90), &format!("{replicas} running Pods of {deployment}"), || async {
+        let listed = pods.list(&ListParams::default().labels(&selector)).await?.items;
+        let running = listed
+            .iter()
+            .filter(|pod| pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
+            .filter(|pod| pod.metadata.deletion_timestamp.is_none())
+            .count();
+        Ok((running == replicas as usize && listed.len() == replicas as usize).then_some(()))
+    })
+    .await
+}
+
+/// The chart's RBAC, as the Pods use it (projected ServiceAccount token, in-cluster
+/// configuration): everything works with all of it, Secrets stay out of reach, and with each
+/// ClusterRole and Role rule removed in turn something a user would check breaks.
+#[tokio::test]
+async fn the_pods_run_with_exactly_the_charts_rbac_and_each_rule_is_needed() -> Result<()> {
+    const RBAC_RELEASE: &str = "rbac";
+    const RBAC_DEPLOYMENT: &str = "rbac-example-operator";
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let f = Fixture::new("node-rbac").await?;
+    let mut values = values()?;
+    values.push("replicaCount=1".to_owned());
+    let release = Release::install(&f, RBAC_RELEASE, &[], &values)?;
+    ready_with_one_leader(&f, RBAC_RELEASE, 1, Duration::from_secs(120)).await?;
+    let other = TestNamespace::create(&f.client, "node-rbac-other").await?;
+    exercise_every_permission(&f.client, f.ns(), &other.name, Duration::from_secs(30))
+        .await
+        .context("with the chart's full RBAC")?;
+    other.delete().await?;
+
+    // It cannot read Secrets.
+    let token = stdout_of(&f.cluster.kubectl(&["create", "token", RBAC_DEPLOYMENT, "-n", f.ns(), "--duration=1h"])?)?;
+    let as_operator = client_for(&f.cluster.kubeconfig_with_token(RBAC_DEPLOYMENT, token.trim()).await?).await?;
+    let denied = Api::<Secret>::all(as_operator.clone()).list(&ListParams::default()).await;
+    ensure!(matches!(&denied, Err(kube::Error::Api(s)) if s.code == 403), "listing Secrets: {denied:?}");
+    let denied = Api::<Secret>::namespaced(as_operator, f.ns()).get_opt("anything").await;
+    ensure!(matches!(&denied, Err(kube::Error::Api(s)) if s.code == 403), "reading a Secret: {denied:?}");
+
+    // Each rule, removed in turn from a fresh start (no Pod, no Lease): something breaks.
+    let cluster_roles: Api<ClusterRole> = Api::all(f.client.clone());
+    let roles: Api<Role> = Api::namespaced(f.client.clone(), f.ns());
+    let role_name = format!("{RBAC_DEPLOYMENT}-leader-election");
+    let leases: Api<Lease> = Api::namespaced(f.client.clone(), f.ns());
+    let cluster_rules = cluster_roles.get(RBAC_DEPLOYMENT).await?.rules.unwrap_or_default();
+    let role_rules = roles.get(&role_name).await?.rules.unwrap_or_default();
+    let cases = (0..cluster_rules.len()).map(|i| (true, i)).chain((0..role_rules.len()).map(|i| (false, i)));
+    for (cluster_wide, index) in cases {
+        scale(&f, RBAC_DEPLOYMENT, RBAC_RELEASE, 0).await?;
+        let _ = leases.delete(&format!("{RBAC_DEPLOYMENT}-leader"), &DeleteParams::default()).await;
+        let (mut clusters, mut namespaced) = (cluster_rules.clone(), role_rules.clone());
+        let removed = if cluster_wide { clusters.remove(index) } else { namespaced.remove(index) };
+        cluster_roles
+            .patch(RBAC_DEPLOYMENT, &PatchParams::default(), &Patch::Merge(json!({"rules": clusters})))
+            .await?;
+        roles.patch(&role_name, &PatchParams::default(), &Patch::Merge(json!({"rules": namespaced}))).await?;
+        scale(&f, RBAC_DEPLOYMENT, RBAC_RELEASE, 1).await?;
+        let scratch = TestNamespace::create(&f.client, "node-rbac-cut").await?;
+        let scratch_other = TestNamespace::create(&f.client, "node-rbac-cut-other").await?;
+        let outcome =
+            exercise_every_permission(&f.client, &scratch.name, &scratch_other.name, Duration::from_secs(8)).await;
+        ensure!(
+            outcome.is_err(),
+            "removing {} rule {index} ({:?} {:?} {:?}) changed nothing",
+            if cluster_wide { "ClusterRole" } else { "Role" },
+            removed.api_groups,
+            removed.resources,
+            removed.verbs
+        );
+        scratch.delete().await?;
+        scratch_other.delete().await?;
+    }
+    release.uninstall()
 }
