@@ -3,13 +3,12 @@
 //! Flags share names and defaults with kubebuilder operators where a counterpart exists
 //! (`--metrics-bind-address`, `--health-probe-bind-address`, `--leader-elect`, `--kubeconfig`).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
-use reconcilers::ControllerKind;
 
 /// Log line format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -72,17 +71,22 @@ pub struct Cli {
     #[arg(long, env = "REENTER_ELECTION_ON_LOSS", default_value_t = false, action = clap::ArgAction::Set)]
     pub reenter_election_on_loss: bool,
 
-    /// Controllers to run, comma separated.
-    #[arg(long, env = "CONTROLLERS", value_delimiter = ',', default_value = "myresource,messagebroadcast")]
-    pub controllers: Vec<ControllerKind>,
+    /// Controllers to run, comma separated (default: every registered controller).
+    #[arg(long, env = "CONTROLLERS", value_delimiter = ',', value_parser = parse_controller)]
+    pub controllers: Vec<String>,
 
-    /// MyResources reconciled at once.
-    #[arg(long, env = "MYRESOURCE_CONCURRENCY", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..))]
-    pub myresource_concurrency: u16,
+    /// Reconciles running at once per controller, as NAME=N, comma separated or repeated, e.g.
+    /// `myresource=8,messagebroadcast=2`; unnamed controllers keep their default.
+    #[arg(long, env = "CONCURRENCY", value_delimiter = ',', value_parser = parse_concurrency)]
+    pub concurrency: Vec<(String, u16)>,
 
-    /// MessageBroadcasts reconciled at once.
-    #[arg(long, env = "MESSAGEBROADCAST_CONCURRENCY", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..))]
-    pub messagebroadcast_concurrency: u16,
+    /// Alias of `--concurrency myresource=N` (earlier releases' flag).
+    #[arg(long, env = "MYRESOURCE_CONCURRENCY", value_parser = clap::value_parser!(u16).range(1..))]
+    pub myresource_concurrency: Option<u16>,
+
+    /// Alias of `--concurrency messagebroadcast=N` (earlier releases' flag).
+    #[arg(long, env = "MESSAGEBROADCAST_CONCURRENCY", value_parser = clap::value_parser!(u16).range(1..))]
+    pub messagebroadcast_concurrency: Option<u16>,
 
     /// Manage only this namespace instead of the whole cluster.
     #[arg(long, env = "WATCH_NAMESPACE")]
@@ -187,6 +191,27 @@ pub enum ConfigError {
     ZeroTimeout(&'static str),
 }
 
+/// A registered controller's name.
+fn parse_controller(name: &str) -> Result<String, String> {
+    match reconcilers::registry::find(name.trim()) {
+        Some(registration) => Ok(registration.name.to_owned()),
+        None => Err(format!(
+            "unknown controller {name:?}; known controllers: {}",
+            reconcilers::registry::names().join(", ")
+        )),
+    }
+}
+
+/// `NAME=N`: a registered controller and a concurrency of at least 1.
+fn parse_concurrency(value: &str) -> Result<(String, u16), String> {
+    let (name, count) = value.split_once('=').ok_or_else(|| format!("expected NAME=N, got {value:?}"))?;
+    let count: u16 = count.trim().parse().map_err(|_| format!("{count:?} is not a whole number from 1 to 65535"))?;
+    if count == 0 {
+        return Err(format!("the concurrency of {name} must be at least 1"));
+    }
+    Ok((parse_controller(name)?, count))
+}
+
 /// Parses a Go-style bind address: `0` disables, `:8080` listens on every interface.
 pub fn parse_bind_address(flag: &'static str, value: &str) -> Result<Option<SocketAddr>, ConfigError> {
     let invalid = || ConfigError::Address { flag, value: value.to_owned() };
@@ -250,10 +275,24 @@ fn default_identity() -> String {
 impl Cli {
     /// Validates the command line into a [`Config`].
     pub fn validate(self) -> Result<Config, ConfigError> {
-        let controllers: BTreeSet<ControllerKind> = self.controllers.into_iter().collect();
+        let controllers: BTreeSet<String> = if self.controllers.is_empty() {
+            reconcilers::registry::names().into_iter().map(str::to_owned).collect()
+        } else {
+            self.controllers.into_iter().collect()
+        };
         if controllers.is_empty() {
             return Err(ConfigError::NoControllers);
         }
+        // The old per-controller flags first, so `--concurrency` wins when both name one.
+        let aliases = [
+            (reconcilers::my_resource::CONTROLLER, self.myresource_concurrency),
+            (reconcilers::message_broadcast::CONTROLLER, self.messagebroadcast_concurrency),
+        ];
+        let concurrency: BTreeMap<String, u16> = aliases
+            .into_iter()
+            .filter_map(|(name, count)| Some((name.to_owned(), count?)))
+            .chain(self.concurrency)
+            .collect();
         for (flag, timeout) in [
             ("--api-request-timeout", self.api_request_timeout),
             ("--reconcile-timeout", self.reconcile_timeout),
@@ -284,8 +323,7 @@ impl Cli {
             api_request_timeout: self.api_request_timeout,
             controllers: reconcilers::Settings {
                 controllers,
-                my_resource_concurrency: self.myresource_concurrency,
-                message_broadcast_concurrency: self.messagebroadcast_concurrency,
+                concurrency,
                 instance: election.as_ref().map(|e| e.identity.clone()),
                 watch_namespace: self.watch_namespace.filter(|ns| !ns.is_empty()),
                 reconcile_timeout: self.reconcile_timeout,
@@ -380,5 +418,31 @@ mod tests {
         assert!(error.contains("--lease-duration"), "{error}");
         let config = parse(&["--controllers", "messagebroadcast", "--leader-elect=false"]);
         assert_eq!(config.map(|c| c.controllers.controllers.len()).ok(), Some(1));
+    }
+
+    #[test]
+    fn concurrency_is_a_map_by_controller_name_and_the_old_flags_are_aliases() -> Result<(), String> {
+        let config = parse(&[])?;
+        let of = |config: &Config, name: &str| {
+            reconcilers::registry::find(name).map(|registration| config.controllers.concurrency_of(registration))
+        };
+        assert_eq!(of(&config, "myresource"), Some(4), "the registration's default");
+        assert_eq!(of(&config, "messagebroadcast"), Some(2));
+        let config = parse(&["--concurrency", "myresource=8,messagebroadcast=3"])?;
+        assert_eq!((of(&config, "myresource"), of(&config, "messagebroadcast")), (Some(8), Some(3)));
+        let config = parse(&["--myresource-concurrency", "6", "--messagebroadcast-concurrency", "5"])?;
+        assert_eq!((of(&config, "myresource"), of(&config, "messagebroadcast")), (Some(6), Some(5)));
+        let config = parse(&["--myresource-concurrency", "6", "--concurrency", "myresource=9"])?;
+        assert_eq!(of(&config, "myresource"), Some(9), "the map wins over the alias");
+        for (value, expected) in [
+            ("nope=2", "unknown controller \"nope\""),
+            ("myresource=0", "must be at least 1"),
+            ("myresource", "expected NAME=N"),
+            ("myresource=lots", "not a whole number"),
+        ] {
+            let error = parse(&["--concurrency", value]).err().unwrap_or_default();
+            assert!(error.contains(expected), "{value}: {error}");
+        }
+        Ok(())
     }
 }

@@ -3,17 +3,10 @@
 
 use std::fmt::Debug;
 use std::future::Future;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
-use futures::future::BoxFuture;
-use kube::runtime::controller::{Config, Controller};
-use serde::de::DeserializeOwned;
-use tokio_util::sync::CancellationToken;
-
+use futures::FutureExt;
 use k8s_openapi::api::core::v1::ObjectReference;
-use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Client, Resource};
@@ -21,16 +14,9 @@ use opentelemetry::trace::TraceContextExt;
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-use crate::backoff::PerObjectBackoff;
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::owned_config_map::MANAGER;
-use crate::shared_cache::wait_until_synced;
-
-/// First retry delay after a transient error; doubles per consecutive failure.
-const RETRY_BASE: Duration = Duration::from_millis(500);
-/// Longest delay between retries of one object.
-const RETRY_CAP: Duration = Duration::from_secs(300);
 
 /// When a successful reconcile wants to run again.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -50,7 +36,7 @@ pub struct ControllerContext<K: Resource<DynamicType = ()>> {
     recorder: Recorder,
     reconcile_timeout: Duration,
     pending_events: std::sync::Mutex<tokio::task::JoinSet<()>>,
-    backoff: PerObjectBackoff<ObjectRef<K>>,
+    kind: std::marker::PhantomData<fn(&K)>,
 }
 
 impl<K> ControllerContext<K>
@@ -74,13 +60,14 @@ where
             pending_events: std::sync::Mutex::default(),
             client,
             metrics,
-            backoff: PerObjectBackoff::new(RETRY_BASE, RETRY_CAP),
+            kind: std::marker::PhantomData,
         }
     }
 
-    /// Runs `reconcile` for `object` inside a span, recording controller-runtime's metrics, and
-    /// forgets the object's backoff when it succeeds.
-    pub async fn instrumented<Fut>(&self, object: &K, reconcile: Fut) -> Result<Action>
+    /// Runs `reconcile` for `object` inside a span, with the reconcile timeout, recording
+    /// controller-runtime's metrics. A panic inside it is caught, counted and returned as an
+    /// error (retried with backoff), so it never takes the process down.
+    pub async fn instrumented<Fut>(&self, object: &K, reconcile: Fut) -> Result<Requeue>
     where
         Fut: Future<Output = Result<Requeue>>,
     {
@@ -95,9 +82,19 @@ where
         let workers = self.metrics.active_workers.with_label_values(&[self.controller]);
         workers.inc();
         let started = Instant::now();
-        let result = tokio::time::timeout(self.reconcile_timeout, reconcile.instrument(span.clone()))
-            .await
-            .unwrap_or(Err(Error::Timeout(self.reconcile_timeout)));
+        let bounded = tokio::time::timeout(self.reconcile_timeout, reconcile.instrument(span.clone()));
+        let result = match std::panic::AssertUnwindSafe(bounded).catch_unwind().await {
+            Ok(finished) => finished.unwrap_or(Err(Error::Timeout(self.reconcile_timeout))),
+            Err(panic) => {
+                self.metrics.reconcile_panics_total.with_label_values(&[self.controller]).inc();
+                let message = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "a panic without a message".to_owned());
+                Err(Error::Panicked(message))
+            }
+        };
         workers.dec();
         self.metrics
             .reconcile_time_seconds
@@ -110,13 +107,7 @@ where
         };
         self.metrics.reconcile_total.with_label_values(&[self.controller, label]).inc();
         match result {
-            Ok(requeue) => {
-                self.backoff.reset(&key);
-                Ok(match requeue {
-                    Requeue::OnChange => Action::await_change(),
-                    Requeue::After(delay) => Action::requeue(delay),
-                })
-            }
+            Ok(requeue) => Ok(requeue),
             Err(error) => {
                 self.metrics.reconcile_errors_total.with_label_values(&[self.controller]).inc();
                 self.metrics
@@ -127,15 +118,6 @@ where
                 Err(error)
             }
         }
-    }
-
-    /// The error policy: retry `object` after its next backoff delay.
-    pub fn retry_after_error(&self, object: &K, error: &Error) -> Action {
-        let key = ObjectRef::from_obj(object);
-        let delay = self.backoff.next_delay(key.clone());
-        self.metrics.workqueue_retries_total.with_label_values(&[self.controller, self.controller]).inc();
-        tracing::debug!(controller = self.controller, object = %key, ?delay, transient = error.is_transient(), "requeue after error");
-        Action::requeue(delay)
     }
 
     /// Publishes an event about `object` in the background, so the reconcile does not wait for
@@ -153,39 +135,5 @@ where
                 tracing::warn!(%error, reason = %event.reason, "publishing an event failed");
             }
         });
-    }
-}
-
-/// Runs `controller` with `concurrency` workers once every cache in `caches` has synced (as
-/// controller-runtime waits for its informers), until `shutdown` fires; in-flight reconciles
-/// then finish. Subscriptions are taken by the caller before this is awaited.
-#[allow(clippy::too_many_arguments)]
-pub fn run_when_synced<K, Ctx, ReconcileFut>(
-    name: &'static str,
-    controller: Controller<K>,
-    caches: Vec<BoxFuture<'static, bool>>,
-    reconcile: impl FnMut(Arc<K>, Arc<Ctx>) -> ReconcileFut + Send + 'static,
-    error_policy: impl Fn(Arc<K>, &Error, Arc<Ctx>) -> Action + Send + Sync + 'static,
-    context: Arc<Ctx>,
-    metrics: Metrics,
-    concurrency: u16,
-    shutdown: CancellationToken,
-) -> impl Future<Output = ()> + Send + 'static
-where
-    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
-    Ctx: Send + Sync + 'static,
-    ReconcileFut: Future<Output = Result<Action>> + Send + 'static,
-{
-    metrics.max_concurrent_reconciles.with_label_values(&[name]).set(i64::from(concurrency));
-    let caches_synced = wait_until_synced(caches, shutdown.clone());
-    let running = controller
-        .with_config(Config::default().concurrency(concurrency))
-        .graceful_shutdown_on(async move { shutdown.cancelled().await })
-        .run(reconcile, error_policy, context)
-        .for_each(|_| futures::future::ready(()));
-    async move {
-        if caches_synced.await {
-            running.await;
-        }
     }
 }

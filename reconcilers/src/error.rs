@@ -38,12 +38,15 @@ pub enum Error {
     /// The reconcile ran longer than the reconcile timeout and was cancelled; retried with backoff.
     #[error("reconcile did not finish within {0:?}")]
     Timeout(std::time::Duration),
+    /// The reconcile panicked; caught by the runtime and retried with backoff.
+    #[error("reconcile panicked: {0}")]
+    Panicked(String),
 }
 
 impl Error {
     /// True when retrying later can succeed without anyone changing the spec.
     pub fn is_transient(&self) -> bool {
-        matches!(self, Error::Kube(_) | Error::MissingField(_) | Error::Timeout(_))
+        matches!(self, Error::Kube(_) | Error::MissingField(_) | Error::Timeout(_) | Error::Panicked(_))
     }
 
     /// Label value for `example_operator_reconcile_errors_by_reason_total`.
@@ -59,6 +62,7 @@ impl Error {
             Error::MissingField(_) => "missing_field",
             Error::Serialize(_) => "serialize",
             Error::Timeout(_) => "timeout",
+            Error::Panicked(_) => "panic",
         }
     }
 }

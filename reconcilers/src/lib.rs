@@ -13,117 +13,62 @@ pub mod metrics;
 pub mod my_resource;
 pub mod owned_config_map;
 pub mod queue;
+pub mod registry;
+pub mod runtime;
 pub mod shared_cache;
 
-use std::collections::BTreeSet;
-use std::fmt;
-use std::str::FromStr;
-use std::sync::Arc;
-
-use crd_types::{MessageBroadcast, MyResource};
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
+use std::time::Duration;
 
 use futures::FutureExt;
-use futures::future::BoxFuture;
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
 use kube::Client;
-use kube::api::Api;
-use kube::runtime::watcher;
 use tokio_util::sync::CancellationToken;
 
 pub use error::{Error, Result};
 pub use metrics::Metrics;
+pub use registry::{CONTROLLERS, Registration};
 
-use controller_context::ControllerContext;
-use shared_cache::{SharedCache, strip_metadata};
-
-/// A controller this crate can run.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum ControllerKind {
-    /// MyResource → ConfigMap `<name>-configmap`.
-    MyResource,
-    /// MessageBroadcast → a ConfigMap copy per selected namespace.
-    MessageBroadcast,
-}
-
-impl ControllerKind {
-    /// Every controller.
-    pub const ALL: [ControllerKind; 2] = [ControllerKind::MyResource, ControllerKind::MessageBroadcast];
-
-    /// The name used in flags, metrics and logs.
-    pub fn name(self) -> &'static str {
-        match self {
-            ControllerKind::MyResource => my_resource::CONTROLLER,
-            ControllerKind::MessageBroadcast => message_broadcast::CONTROLLER,
-        }
-    }
-}
-
-impl fmt::Display for ControllerKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-impl FromStr for ControllerKind {
-    type Err = String;
-
-    fn from_str(name: &str) -> std::result::Result<Self, Self::Err> {
-        Self::ALL.into_iter().find(|kind| kind.name() == name).ok_or_else(|| {
-            let known: Vec<&str> = Self::ALL.iter().map(|k| k.name()).collect();
-            format!("unknown controller {name:?}; known controllers: {}", known.join(", "))
-        })
-    }
-}
+use registry::{Built, CacheSet, ControllerEnv};
 
 /// What to run and how wide.
 #[derive(Clone, Debug)]
 pub struct Settings {
-    /// The controllers to run.
-    pub controllers: BTreeSet<ControllerKind>,
-    /// Reconciles of MyResources running at once.
-    pub my_resource_concurrency: u16,
-    /// Reconciles of MessageBroadcasts running at once.
-    pub message_broadcast_concurrency: u16,
+    /// The controllers to run, by name (see [`CONTROLLERS`]).
+    pub controllers: BTreeSet<String>,
+    /// Reconciles running at once, per controller name; a controller not named here runs its
+    /// registration's default.
+    pub concurrency: BTreeMap<String, u16>,
     /// This replica's name (the pod name), shown in the events it writes.
     pub instance: Option<String>,
     /// Watch and manage only this namespace (MessageBroadcasts then copy only into it);
     /// `None` manages the whole cluster.
     pub watch_namespace: Option<String>,
     /// A reconcile running longer than this is cancelled and retried with backoff.
-    pub reconcile_timeout: std::time::Duration,
+    pub reconcile_timeout: Duration,
 }
 
 impl Default for Settings {
     fn default() -> Self {
         Self {
-            controllers: ControllerKind::ALL.into_iter().collect(),
-            my_resource_concurrency: 4,
-            message_broadcast_concurrency: 2,
+            controllers: CONTROLLERS.iter().map(|r| r.name.to_owned()).collect(),
+            concurrency: BTreeMap::new(),
             instance: None,
             watch_namespace: None,
-            reconcile_timeout: std::time::Duration::from_secs(60),
+            reconcile_timeout: Duration::from_secs(60),
         }
     }
 }
 
-/// An API for a namespaced kind over one namespace, or over all of them.
-fn scoped_api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
-where
-    K: kube::Resource<Scope = kube::core::NamespaceResourceScope, DynamicType = ()>,
-{
-    match namespace {
-        Some(namespace) => Api::namespaced(client.clone(), namespace),
-        None => Api::all(client.clone()),
+impl Settings {
+    /// Only the controller `name`, with the other settings at their defaults.
+    pub fn only(name: &str) -> Self {
+        Self { controllers: [name.to_owned()].into(), ..Self::default() }
     }
-}
 
-/// Strips a cached Namespace down to name, labels and phase: all the broadcast controller reads.
-fn strip_namespace(namespace: &mut Namespace) {
-    strip_metadata(namespace);
-    namespace.spec = None;
-    if let Some(status) = namespace.status.as_mut() {
-        status.conditions = None;
+    /// How many reconciles of `registration` run at once.
+    pub fn concurrency_of(&self, registration: &Registration) -> u16 {
+        self.concurrency.get(registration.name).copied().unwrap_or(registration.default_concurrency)
     }
 }
 
@@ -132,119 +77,43 @@ fn strip_namespace(namespace: &mut Namespace) {
 /// and starts reconciling at once when it becomes leader. Caches only read; the controllers,
 /// which write, run only while this replica leads ([`Caches::controllers`]).
 pub struct Caches {
-    client: Client,
-    settings: Settings,
-    metrics: Metrics,
-    config_maps: SharedCache<ConfigMap>,
-    resources: Option<SharedCache<MyResource>>,
-    broadcasts: Option<(SharedCache<MessageBroadcast>, SharedCache<Namespace>)>,
+    controllers: Vec<(Built, u16)>,
 }
 
 impl Caches {
-    /// The caches `settings` need, and the future that lists and watches them until `shutdown`.
+    /// The caches and controllers `settings` select, and the future that lists and watches the
+    /// caches until `shutdown`.
     pub fn new(
         client: Client,
         settings: Settings,
         metrics: Metrics,
         shutdown: CancellationToken,
     ) -> (Self, impl Future<Output = ()> + Send + 'static) {
-        let wants = |kind| settings.controllers.contains(&kind);
-        let scope = settings.watch_namespace.as_deref();
-        let mut watches: Vec<BoxFuture<'static, ()>> = Vec::new();
-        // ConfigMaps are shared by both controllers; only those this operator manages are watched.
-        let (config_maps, watch) = SharedCache::new(
-            scoped_api::<ConfigMap>(&client, scope),
-            watcher::Config::default().labels(&owned_config_map::managed_selector()).any_semantic(),
-            strip_metadata,
-            "configmaps",
-            metrics.clone(),
-        );
-        watches.push(watch.run(shutdown.clone()).boxed());
-        let resources = wants(ControllerKind::MyResource).then(|| {
-            let (cache, watch) = SharedCache::new(
-                scoped_api::<MyResource>(&client, scope),
-                watcher::Config::default().any_semantic(),
-                strip_metadata,
-                "myresources",
-                metrics.clone(),
-            );
-            watches.push(watch.run(shutdown.clone()).boxed());
-            cache
-        });
-        let broadcasts = wants(ControllerKind::MessageBroadcast).then(|| {
-            let (broadcasts, watch) = SharedCache::new(
-                Api::<MessageBroadcast>::all(client.clone()),
-                watcher::Config::default().any_semantic(),
-                strip_metadata,
-                "messagebroadcasts",
-                metrics.clone(),
-            );
-            watches.push(watch.run(shutdown.clone()).boxed());
-            let namespace_filter = match scope {
-                Some(namespace) => watcher::Config::default().fields(&format!("metadata.name={namespace}")),
-                None => watcher::Config::default(),
-            };
-            let (namespaces, watch) = SharedCache::new(
-                Api::<Namespace>::all(client.clone()),
-                namespace_filter.any_semantic(),
-                strip_namespace,
-                "namespaces",
-                metrics.clone(),
-            );
-            watches.push(watch.run(shutdown.clone()).boxed());
-            (broadcasts, namespaces)
-        });
-        let caches = Self { client, settings, metrics, config_maps, resources, broadcasts };
-        (caches, futures::future::join_all(watches).map(|_| ()))
-    }
-
-    fn context<K: kube::Resource<DynamicType = ()> + Send + Sync + 'static>(
-        &self,
-        controller: &'static str,
-    ) -> ControllerContext<K> {
-        ControllerContext::new(
-            controller,
-            self.client.clone(),
-            self.metrics.clone(),
-            self.settings.instance.clone(),
-            self.settings.reconcile_timeout,
-        )
+        let mut caches = CacheSet::new(client.clone(), settings.watch_namespace.clone(), metrics.clone());
+        let env = ControllerEnv {
+            client,
+            metrics,
+            instance: settings.instance.clone(),
+            reconcile_timeout: settings.reconcile_timeout,
+        };
+        let controllers = CONTROLLERS
+            .iter()
+            .filter(|registration| settings.controllers.contains(registration.name))
+            .map(|registration| ((registration.build)(&mut caches, &env), settings.concurrency_of(registration)))
+            .collect();
+        (Self { controllers }, caches.run(shutdown))
     }
 
     /// The selected controllers over these caches: they subscribe now (replaying what the caches
     /// hold), start reconciling once every cache they read has synced, and run until `stop`
     /// fires; the future then resolves once their in-flight reconciles finished.
     pub fn controllers(&self, stop: CancellationToken) -> impl Future<Output = ()> + Send + 'static {
-        let mut tasks: Vec<BoxFuture<'static, ()>> = Vec::new();
-        if let Some(resources) = &self.resources {
-            let context = Arc::new(my_resource::Context {
-                base: self.context(my_resource::CONTROLLER),
-                config_maps: self.config_maps.store(),
-                written: Default::default(),
-            });
-            let concurrency = self.settings.my_resource_concurrency;
-            tasks.push(
-                my_resource::controller(resources, &self.config_maps, context, concurrency, stop.clone()).boxed(),
-            );
-        }
-        if let Some((broadcasts, namespaces)) = &self.broadcasts {
-            let context = Arc::new(message_broadcast::Context {
-                base: self.context(message_broadcast::CONTROLLER),
-                config_maps: self.config_maps.store(),
-                namespaces: namespaces.store(),
-            });
-            let concurrency = self.settings.message_broadcast_concurrency;
-            let controller = message_broadcast::controller(
-                broadcasts,
-                &self.config_maps,
-                namespaces,
-                context,
-                concurrency,
-                stop.clone(),
-            );
-            tasks.push(controller.boxed());
-        }
-        futures::future::join_all(tasks).map(|_| ())
+        let runs: Vec<_> = self
+            .controllers
+            .iter()
+            .map(|(controller, concurrency)| controller.run(*concurrency, stop.clone()))
+            .collect();
+        futures::future::join_all(runs).map(|_| ())
     }
 }
 

@@ -4,7 +4,6 @@
 //! own (those namespaces are reported as conflicts in status).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,21 +12,23 @@ use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
 use kube::api::{Api, Patch, PatchParams};
 use kube::core::{Selector, SelectorExt};
-use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Resource, ResourceExt};
 use serde_json::json;
-use tokio_util::sync::CancellationToken;
 
 use crate::conditions::{Reason, now, ready_condition};
-use crate::controller_context::{ControllerContext, Requeue, run_when_synced};
+use crate::controller_context::{ControllerContext, Requeue};
 use crate::error::{Error, Result};
 use crate::owned_config_map::{self, DesiredConfigMap, MANAGER, WriteOutcome, controller_of_kind, controller_uid};
-use crate::shared_cache::SharedCache;
+use crate::registry::{Built, CacheSet, ControllerEnv, Registration};
+use crate::runtime::{Controller, Reconciler};
 
 /// Name of this controller in metrics, logs and spans.
 pub const CONTROLLER: &str = "messagebroadcast";
+
+/// This controller in [`crate::CONTROLLERS`].
+pub const REGISTRATION: Registration = Registration { name: CONTROLLER, default_concurrency: 2, build };
 
 /// Copies written at once for one broadcast; bounds the burst on the API server.
 const WRITE_PARALLELISM: usize = 16;
@@ -40,7 +41,7 @@ const CONFLICT_RECHECK: Duration = Duration::from_secs(120);
 
 /// What a reconcile reads besides the broadcast itself.
 pub struct Context {
-    pub base: ControllerContext<MessageBroadcast>,
+    pub base: Arc<ControllerContext<MessageBroadcast>>,
     pub config_maps: Store<ConfigMap>,
     pub namespaces: Store<Namespace>,
 }
@@ -119,14 +120,13 @@ pub fn desired_status(broadcast: &MessageBroadcast, fan_out: &FanOut, error: Opt
     }
 }
 
-/// Reconciles one broadcast: copies into matching namespaces, stale copies out, then status.
-pub async fn reconcile(broadcast: Arc<MessageBroadcast>, context: Arc<Context>) -> Result<Action> {
-    context.base.instrumented(&broadcast, reconcile_inner(&broadcast, &context)).await
-}
+impl Reconciler for Context {
+    type Object = MessageBroadcast;
 
-/// The error policy: transient errors retry with per-object backoff.
-pub fn error_policy(broadcast: Arc<MessageBroadcast>, error: &Error, context: Arc<Context>) -> Action {
-    context.base.retry_after_error(&broadcast, error)
+    /// Reconciles one broadcast: copies into matching namespaces, stale copies out, then status.
+    async fn reconcile(&self, broadcast: Arc<MessageBroadcast>) -> Result<Requeue> {
+        reconcile_inner(&broadcast, self).await
+    }
 }
 
 async fn reconcile_inner(broadcast: &MessageBroadcast, context: &Context) -> Result<Requeue> {
@@ -245,7 +245,7 @@ async fn update_status(
 }
 
 /// The broadcast controlling a ConfigMap copy, if any.
-fn owner_of_copy(config_map: Arc<ConfigMap>) -> Option<ObjectRef<MessageBroadcast>> {
+fn owner_of_copy(config_map: &ConfigMap) -> Option<ObjectRef<MessageBroadcast>> {
     controller_of_kind::<MessageBroadcast>(&config_map.metadata).map(|owner| ObjectRef::new(&owner.name))
 }
 
@@ -275,26 +275,23 @@ pub fn broadcasts_for_namespace(
         .collect()
 }
 
-/// Subscribes to the caches now; the returned future runs until `shutdown` fires, then lets
-/// in-flight reconciles finish.
-pub fn controller(
-    broadcasts: &SharedCache<MessageBroadcast>,
-    config_maps: &SharedCache<ConfigMap>,
-    namespaces: &SharedCache<Namespace>,
-    context: Arc<Context>,
-    concurrency: u16,
-    shutdown: CancellationToken,
-) -> impl Future<Output = ()> + Send + 'static {
-    let metrics = context.base.metrics.clone();
-    let broadcast_store = broadcasts.store();
-    let config_map_store = config_maps.store();
-    let controller = Controller::for_shared_stream(broadcasts.subscribe(), broadcasts.store())
-        .watches_shared_stream(config_maps.subscribe(), owner_of_copy)
-        .watches_shared_stream(namespaces.subscribe(), move |namespace| {
-            broadcasts_for_namespace(&namespace, &broadcast_store, &config_map_store)
-        });
-    let caches = vec![broadcasts.synced(), config_maps.synced(), namespaces.synced()];
-    run_when_synced(CONTROLLER, controller, caches, reconcile, error_policy, context, metrics, concurrency, shutdown)
+/// This controller over the shared caches: broadcasts, their copies, and the namespaces they
+/// select or hold copies in.
+fn build(caches: &mut CacheSet, env: &ControllerEnv) -> Built {
+    let broadcasts = caches.get::<MessageBroadcast>();
+    let config_maps = caches.get::<ConfigMap>();
+    let namespaces = caches.get::<Namespace>();
+    let context = Arc::new(Context {
+        base: env.context(CONTROLLER),
+        config_maps: config_maps.store(),
+        namespaces: namespaces.store(),
+    });
+    let (broadcast_store, config_map_store) = (broadcasts.store(), config_maps.store());
+    Controller::new(context.clone(), context.base.clone(), &broadcasts)
+        .owns_events(&broadcasts)
+        .watches(&config_maps, owner_of_copy)
+        .watches(&namespaces, move |namespace| broadcasts_for_namespace(namespace, &broadcast_store, &config_map_store))
+        .into()
 }
 
 #[cfg(test)]
@@ -347,7 +344,7 @@ mod tests {
         assert_eq!(copy.namespace, "team-a");
         assert_eq!(copy.owner.kind, "MessageBroadcast");
         assert_eq!(copy.owner.uid, "b-uid");
-        assert_eq!(owner_of_copy(Arc::new(copy.to_config_map())), Some(ObjectRef::new("greeting")));
+        assert_eq!(owner_of_copy(&copy.to_config_map()), Some(ObjectRef::new("greeting")));
         Ok(())
     }
 

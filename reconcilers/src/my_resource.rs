@@ -4,28 +4,32 @@
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
-use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crd_types::{ConditionStatus, MyResource, MyResourceStatus, Phase};
+use futures::StreamExt;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, Patch, PatchParams};
-use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Resource, ResourceExt};
 use serde_json::json;
-use tokio_util::sync::CancellationToken;
 
 use crate::conditions::{Reason, now, ready_condition};
-use crate::controller_context::{ControllerContext, Requeue, run_when_synced};
+use crate::controller_context::{ControllerContext, Requeue};
 use crate::error::{Error, Result};
 use crate::owned_config_map::{self, DesiredConfigMap, MANAGER, WriteOutcome, controller_of_kind};
+use crate::queue::Priority;
+use crate::registry::{Built, CacheSet, ControllerEnv, Registration};
+use crate::runtime::{Controller, Reconciler};
 use crate::shared_cache::SharedCache;
 
 /// Name of this controller in metrics, logs and spans.
 pub const CONTROLLER: &str = "myresource";
+
+/// This controller in [`crate::CONTROLLERS`].
+pub const REGISTRATION: Registration = Registration { name: CONTROLLER, default_concurrency: 4, build };
 
 /// How long a MyResource blocked by a foreign ConfigMap waits before checking again; the foreign
 /// ConfigMap is not in the cache, so its removal raises no event here.
@@ -33,7 +37,7 @@ const CONFLICT_RECHECK: Duration = Duration::from_secs(120);
 
 /// What a reconcile reads besides the MyResource itself.
 pub struct Context {
-    pub base: ControllerContext<MyResource>,
+    pub base: Arc<ControllerContext<MyResource>>,
     pub config_maps: Store<ConfigMap>,
     pub written: WrittenStatuses,
 }
@@ -142,15 +146,15 @@ pub fn desired_status(resource: &MyResource, outcome: Result<&str, &Error>) -> M
     }
 }
 
-/// Reconciles one MyResource: ConfigMap first, then status, each written only when it differs.
-pub async fn reconcile(resource: Arc<MyResource>, context: Arc<Context>) -> Result<Action> {
-    let resource = context.written.freshest(&resource);
-    context.base.instrumented(&resource, reconcile_inner(&resource, &context)).await
-}
+impl Reconciler for Context {
+    type Object = MyResource;
 
-/// The error policy: transient errors retry with per-object backoff.
-pub fn error_policy(resource: Arc<MyResource>, error: &Error, context: Arc<Context>) -> Action {
-    context.base.retry_after_error(&resource, error)
+    /// Reconciles one MyResource: ConfigMap first, then status, each written only when it
+    /// differs.
+    async fn reconcile(&self, resource: Arc<MyResource>) -> Result<Requeue> {
+        let resource = self.written.freshest(&resource);
+        reconcile_inner(&resource, self).await
+    }
 }
 
 async fn reconcile_inner(resource: &MyResource, context: &Context) -> Result<Requeue> {
@@ -216,7 +220,7 @@ async fn write_status(resource: &MyResource, context: &Context, status: &MyResou
 }
 
 /// The MyResources a ConfigMap event concerns: its controller owner, if that is a MyResource.
-fn owners_of(config_map: Arc<ConfigMap>) -> Option<ObjectRef<MyResource>> {
+fn owners_of(config_map: &ConfigMap) -> Option<ObjectRef<MyResource>> {
     let namespace = config_map.namespace()?;
     controller_of_kind::<MyResource>(&config_map.metadata).map(|owner| ObjectRef::new(&owner.name).within(&namespace))
 }
@@ -227,38 +231,41 @@ fn owners_of(config_map: Arc<ConfigMap>) -> Option<ObjectRef<MyResource>> {
 /// and, with the ConfigMap cache a moment behind, cost a redundant create and read.
 fn generation_changed(
     resources: &SharedCache<MyResource>,
-) -> impl futures::Stream<Item = Arc<MyResource>> + Send + 'static {
-    use futures::StreamExt;
+) -> impl futures::Stream<Item = (ObjectRef<MyResource>, Priority)> + Send + 'static {
     let store = resources.store();
     let mut seen: std::collections::HashMap<String, i64> = std::collections::HashMap::new();
-    resources.subscribe().filter(move |resource| {
-        let (Some(uid), Some(generation)) = (resource.uid(), resource.metadata.generation) else {
-            return futures::future::ready(true);
-        };
-        let changed = seen.insert(uid, generation) != Some(generation);
-        // Forget deleted objects now and then, so the map stays the size of the cache.
-        if seen.len() > 2 * store.len() + 64 {
-            let live: std::collections::HashSet<String> = store.state().iter().filter_map(|r| r.uid()).collect();
-            seen.retain(|uid, _| live.contains(uid));
-        }
-        futures::future::ready(changed)
-    })
+    resources
+        .subscribe()
+        .filter(move |(resource, _)| {
+            let (Some(uid), Some(generation)) = (resource.uid(), resource.metadata.generation) else {
+                return futures::future::ready(true);
+            };
+            let changed = seen.insert(uid, generation) != Some(generation);
+            // Forget deleted objects now and then, so the map stays the size of the cache.
+            if seen.len() > 2 * store.len() + 64 {
+                let live: std::collections::HashSet<String> = store.state().iter().filter_map(|r| r.uid()).collect();
+                seen.retain(|uid, _| live.contains(uid));
+            }
+            futures::future::ready(changed)
+        })
+        .map(|(resource, priority)| (ObjectRef::from_obj(&*resource), priority))
 }
 
-/// Subscribes to the caches now; the returned future runs until `shutdown` fires, then lets
-/// in-flight reconciles finish.
-pub fn controller(
-    resources: &SharedCache<MyResource>,
-    config_maps: &SharedCache<ConfigMap>,
-    context: Arc<Context>,
-    concurrency: u16,
-    shutdown: CancellationToken,
-) -> impl Future<Output = ()> + Send + 'static {
-    let metrics = context.base.metrics.clone();
-    let controller = Controller::for_shared_stream(generation_changed(resources), resources.store())
-        .watches_shared_stream(config_maps.subscribe(), owners_of);
-    let caches = vec![resources.synced(), config_maps.synced()];
-    run_when_synced(CONTROLLER, controller, caches, reconcile, error_policy, context, metrics, concurrency, shutdown)
+/// This controller over the shared caches: MyResources whose generation changed, and the
+/// ConfigMaps they own.
+fn build(caches: &mut CacheSet, env: &ControllerEnv) -> Built {
+    let resources = caches.get::<MyResource>();
+    let config_maps = caches.get::<ConfigMap>();
+    let context = Arc::new(Context {
+        base: env.context(CONTROLLER),
+        config_maps: config_maps.store(),
+        written: WrittenStatuses::default(),
+    });
+    let primary = resources.clone();
+    Controller::new(context.clone(), context.base.clone(), &resources)
+        .source(move || generation_changed(&primary).boxed())
+        .watches(&config_maps, owners_of)
+        .into()
 }
 
 #[cfg(test)]
@@ -346,11 +353,11 @@ mod tests {
     #[test]
     fn config_map_events_map_to_their_controlling_my_resource() -> Result<()> {
         let desired = desired_config_map(&resource("hello", "hi"))?;
-        let owner = owners_of(Arc::new(desired.to_config_map()));
+        let owner = owners_of(&desired.to_config_map());
         assert_eq!(owner, Some(ObjectRef::new("hello").within("ns")));
         let mut foreign = desired.to_config_map();
         foreign.metadata.owner_references = None;
-        assert_eq!(owners_of(Arc::new(foreign)), None);
+        assert_eq!(owners_of(&foreign), None);
         Ok(())
     }
 }

@@ -19,6 +19,12 @@ use serde::de::DeserializeOwned;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
+use crate::queue::Priority;
+
+/// A cached object that changed, with how urgent its reconcile is: [`Priority::Live`] for a
+/// watch event, [`Priority::Low`] for the initial list, a relist and the replay a late
+/// subscriber gets.
+pub type Notification<K> = (Arc<K>, Priority);
 
 /// How many change notifications may wait for the slowest subscriber before the watch pauses.
 const SUBSCRIBER_BUFFER: usize = 1024;
@@ -28,7 +34,7 @@ const SUBSCRIBER_BUFFER: usize = 1024;
 /// every replica (leader or standby), so a replica that starts leading finds its caches warm.
 pub struct SharedCache<K: Resource<DynamicType = ()> + Clone + 'static> {
     store: Store<K>,
-    subscribers: async_broadcast::InactiveReceiver<Arc<K>>,
+    subscribers: async_broadcast::InactiveReceiver<Notification<K>>,
 }
 
 impl<K: Resource<DynamicType = ()> + Clone + 'static> Clone for SharedCache<K> {
@@ -44,7 +50,7 @@ pub struct CacheWatch<K: Resource<DynamicType = ()> + Clone + 'static> {
     strip: fn(&mut K),
     store: Store<K>,
     writer: reflector::store::Writer<K>,
-    sender: async_broadcast::Sender<Arc<K>>,
+    sender: async_broadcast::Sender<Notification<K>>,
     resource: &'static str,
     metrics: Metrics,
 }
@@ -85,13 +91,13 @@ where
     /// A stream of every cached object (once the first list completed), then of every object
     /// that changes or disappears. Subscribing late, as a replica that has just started leading
     /// does, replays what the cache holds; an object may come twice, never not at all.
-    pub fn subscribe(&self) -> impl Stream<Item = Arc<K>> + Send + 'static {
+    pub fn subscribe(&self) -> impl Stream<Item = Notification<K>> + Send + 'static {
         use futures::FutureExt;
         let live = self.subscribers.activate_cloned();
         // Taken after subscribing: whatever changes from here on also arrives live.
         let synced = self.store.wait_until_ready().now_or_never().is_some_and(|ready| ready.is_ok());
         let cached = if synced { self.store.state() } else { Vec::new() };
-        futures::stream::iter(cached).chain(live)
+        futures::stream::iter(cached.into_iter().map(|object| (object, Priority::Low))).chain(live)
     }
 }
 
@@ -150,7 +156,7 @@ fn apply<K>(
     event: Event<K>,
     resource: &'static str,
     metrics: &Metrics,
-) -> Vec<Arc<K>>
+) -> Vec<Notification<K>>
 where
     K: Resource<DynamicType = ()> + Clone + 'static,
 {
@@ -166,11 +172,11 @@ where
         Event::Apply(object) => {
             let key = ObjectRef::from_obj(&object);
             writer.apply_watcher_event(&Event::Apply(object));
-            store.get(&key).into_iter().collect()
+            store.get(&key).into_iter().map(|object| (object, Priority::Live)).collect()
         }
         Event::Delete(object) => {
             writer.apply_watcher_event(&Event::Delete(object.clone()));
-            vec![Arc::new(object)]
+            vec![(Arc::new(object), Priority::Live)]
         }
         Event::InitDone => {
             // After a (re)list, objects that vanished while the watch was down get no Delete
@@ -180,7 +186,11 @@ where
             let present: HashSet<ObjectRef<K>> =
                 store.state().iter().map(|o| ObjectRef::from_obj(o.as_ref())).collect();
             let vanished = before.into_iter().filter(|o| !present.contains(&ObjectRef::from_obj(o.as_ref())));
-            vanished.chain(store.state()).collect()
+            // Vanished objects are news; the rest is the list, reconciled after live changes.
+            vanished
+                .map(|object| (object, Priority::Live))
+                .chain(store.state().into_iter().map(|object| (object, Priority::Low)))
+                .collect()
         }
         other => {
             writer.apply_watcher_event(&other);
@@ -195,4 +205,36 @@ pub fn strip_metadata<K: Resource>(object: &mut K) {
     let meta = object.meta_mut();
     meta.managed_fields = None;
     meta.annotations = None;
+}
+
+/// A cache fed by hand, for the runtime's unit tests.
+#[cfg(test)]
+pub(crate) struct TestFeed<K: Resource<DynamicType = ()> + Clone + 'static> {
+    store: Store<K>,
+    writer: reflector::store::Writer<K>,
+    sender: async_broadcast::Sender<Notification<K>>,
+    metrics: Metrics,
+}
+
+#[cfg(test)]
+impl<K> TestFeed<K>
+where
+    K: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
+{
+    /// An empty cache and the feed that fills it.
+    pub(crate) fn new(metrics: Metrics) -> (SharedCache<K>, Self) {
+        let (store, writer) = reflector::store();
+        let (mut sender, receiver) = async_broadcast::broadcast(SUBSCRIBER_BUFFER);
+        sender.set_overflow(false);
+        sender.set_await_active(false);
+        let cache = SharedCache { store: store.clone(), subscribers: receiver.deactivate() };
+        (cache, Self { store, writer, sender, metrics })
+    }
+
+    /// Applies `event` as if the watch delivered it.
+    pub(crate) async fn event(&mut self, event: Event<K>) {
+        for object in apply(&self.store, &mut self.writer, event, "test", &self.metrics) {
+            let _ = self.sender.broadcast_direct(object).await;
+        }
+    }
 }

@@ -12,7 +12,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
-use reconcilers::{ControllerKind, Settings};
+use reconcilers::Settings;
 use serde_json::json;
 use tokio::sync::Mutex;
 
@@ -20,7 +20,7 @@ static ONE_AT_A_TIME: Mutex<()> = Mutex::const_new(());
 const CONVERGE: Duration = Duration::from_secs(60);
 
 async fn start_broadcast_controller(cluster: &TestCluster) -> Result<RunningControllers> {
-    let settings = Settings { controllers: [ControllerKind::MessageBroadcast].into(), ..Settings::default() };
+    let settings = Settings::only(reconcilers::message_broadcast::CONTROLLER);
     RunningControllers::start(&cluster.admin_kubeconfig, settings).await
 }
 
