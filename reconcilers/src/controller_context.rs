@@ -14,6 +14,7 @@ use opentelemetry::trace::TraceContextExt;
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
+use crate::conditions::READY;
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::owned_config_map::MANAGER;
@@ -117,6 +118,45 @@ where
                 span.in_scope(|| tracing::warn!(%error, "reconcile failed"));
                 Err(error)
             }
+        }
+    }
+
+    /// Writes `desired` as `object`'s status (server-side apply of the status subresource, as
+    /// this operator's field manager) unless `current` already equals it; returns the written
+    /// object, or `None` when nothing needed writing.
+    pub async fn update_status<S>(&self, object: &K, current: Option<&S>, desired: &S) -> Result<Option<K>>
+    where
+        S: serde::Serialize + PartialEq,
+        K: serde::de::DeserializeOwned + Clone + std::fmt::Debug,
+    {
+        if current == Some(desired) {
+            return Ok(None);
+        }
+        let name = object.meta().name.as_deref().ok_or(Error::MissingField("metadata.name"))?;
+        let request = kube::core::Request::new(K::url_path(&(), object.meta().namespace.as_deref()));
+        let patch = serde_json::json!({
+            "apiVersion": K::api_version(&()),
+            "kind": K::kind(&()),
+            "status": desired,
+        });
+        let request = request
+            .patch_subresource(
+                "status",
+                name,
+                &kube::api::PatchParams::apply(MANAGER).force(),
+                &kube::api::Patch::Apply(patch),
+            )
+            .map_err(kube::Error::BuildRequest)?;
+        Ok(Some(self.client.request::<K>(request).await?))
+    }
+
+    /// Says why `object` is not Ready with a Warning event, when its Ready condition is False.
+    /// Call it after a status write that changed something, so a failure is reported once per
+    /// change, not once per retry.
+    pub async fn warn_if_not_ready(&self, object: &K, conditions: &[crd_types::Condition], action: &str) {
+        let failing = conditions.iter().find(|c| c.type_ == READY && c.status == crd_types::ConditionStatus::False);
+        if let Some(condition) = failing {
+            self.publish(object, EventType::Warning, &condition.reason, action, condition.message.clone()).await;
         }
     }
 

@@ -49,6 +49,17 @@ impl Error {
         matches!(self, Error::Kube(_) | Error::MissingField(_) | Error::Timeout(_) | Error::Panicked(_))
     }
 
+    /// The reason the Ready condition gives for this error.
+    pub fn reason(&self) -> crate::conditions::Reason {
+        use crate::conditions::Reason;
+        match self {
+            Error::ConfigMapConflict { .. } => Reason::ConfigMapConflict,
+            Error::InvalidConfigMapName { .. } => Reason::InvalidConfigMapName,
+            Error::InvalidSelector(_) => Reason::InvalidSelector,
+            _ => Reason::Reconciling,
+        }
+    }
+
     /// Label value for `example_operator_reconcile_errors_by_reason_total`.
     pub fn metric_label(&self) -> &'static str {
         match self {

@@ -10,17 +10,15 @@ use std::time::Duration;
 use crd_types::{ConditionStatus, MessageBroadcast, MessageBroadcastStatus};
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
-use kube::api::{Api, Patch, PatchParams};
 use kube::core::{Selector, SelectorExt};
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Resource, ResourceExt};
-use serde_json::json;
 
 use crate::conditions::{Reason, now, ready_condition};
 use crate::controller_context::{ControllerContext, Requeue};
 use crate::error::{Error, Result};
-use crate::owned_config_map::{self, DesiredConfigMap, MANAGER, WriteOutcome, controller_of_kind, controller_uid};
+use crate::owned_config_map::{self, DesiredConfigMap, WriteOutcome, controller_of_kind, controller_uid};
 use crate::registry::{Built, CacheSet, ControllerEnv, Registration};
 use crate::runtime::{Controller, Reconciler};
 
@@ -90,11 +88,7 @@ pub fn desired_status(broadcast: &MessageBroadcast, fan_out: &FanOut, error: Opt
     let previous = broadcast.status.as_ref().map(|s| s.conditions.as_slice()).unwrap_or_default();
     let generation = broadcast.metadata.generation;
     let (status, reason, message) = match error {
-        Some(error @ Error::InvalidSelector(_)) => (ConditionStatus::False, Reason::InvalidSelector, error.to_string()),
-        Some(error @ Error::InvalidConfigMapName { .. }) => {
-            (ConditionStatus::False, Reason::InvalidConfigMapName, error.to_string())
-        }
-        Some(error) => (ConditionStatus::False, Reason::Reconciling, error.to_string()),
+        Some(error) => (ConditionStatus::False, error.reason(), error.to_string()),
         None if !fan_out.conflicts.is_empty() => {
             let mut named = fan_out.conflicts.iter().take(CONFLICTS_NAMED).cloned().collect::<Vec<_>>().join(", ");
             if fan_out.conflicts.len() > CONFLICTS_NAMED {
@@ -136,7 +130,7 @@ async fn reconcile_inner(broadcast: &MessageBroadcast, context: &Context) -> Res
         Err(error) if error.is_transient() => {
             // Record progress so far, then retry with backoff.
             let status = desired_status(broadcast, &fan_out, Some(&error));
-            update_status(broadcast, context, &status).await?;
+            context.base.update_status(broadcast, broadcast.status.as_ref(), &status).await?;
             return Err(error);
         }
         Err(error) => Some(error),
@@ -150,10 +144,8 @@ async fn reconcile_inner(broadcast: &MessageBroadcast, context: &Context) -> Res
         base.publish(broadcast, EventType::Normal, "CopiesUpdated", "Broadcast", note).await;
     }
     let status = desired_status(broadcast, &fan_out, permanent.as_ref());
-    let changed = update_status(broadcast, context, &status).await?;
-    let failing = status.conditions.first().filter(|c| c.status == ConditionStatus::False);
-    if let (true, Some(condition)) = (changed, failing) {
-        base.publish(broadcast, EventType::Warning, &condition.reason, "Broadcast", condition.message.clone()).await;
+    if base.update_status(broadcast, broadcast.status.as_ref(), &status).await?.is_some() {
+        base.warn_if_not_ready(broadcast, &status.conditions, "Broadcast").await;
     }
     Ok(match (&permanent, fan_out.conflicts.is_empty()) {
         (None, true) => Requeue::OnChange,
@@ -223,25 +215,6 @@ async fn fan_out_copies(broadcast: &MessageBroadcast, context: &Context, fan_out
         }
     }
     first_error.map_or(Ok(()), Err)
-}
-
-/// Writes `status` unless the broadcast already shows it; returns whether it wrote.
-async fn update_status(
-    broadcast: &MessageBroadcast,
-    context: &Context,
-    status: &MessageBroadcastStatus,
-) -> Result<bool> {
-    if broadcast.status.as_ref() == Some(status) {
-        return Ok(false);
-    }
-    let api: Api<MessageBroadcast> = Api::all(context.base.client.clone());
-    let patch = json!({
-        "apiVersion": MessageBroadcast::api_version(&()),
-        "kind": MessageBroadcast::kind(&()),
-        "status": status,
-    });
-    api.patch_status(&broadcast.name_any(), &PatchParams::apply(MANAGER).force(), &Patch::Apply(patch)).await?;
-    Ok(true)
 }
 
 /// The broadcast controlling a ConfigMap copy, if any.

@@ -10,16 +10,14 @@ use std::time::{Duration, Instant};
 use crd_types::{ConditionStatus, MyResource, MyResourceStatus, Phase};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::ConfigMap;
-use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Resource, ResourceExt};
-use serde_json::json;
 
 use crate::conditions::{Reason, now, ready_condition};
 use crate::controller_context::{ControllerContext, Requeue};
 use crate::error::{Error, Result};
-use crate::owned_config_map::{self, DesiredConfigMap, MANAGER, WriteOutcome, controller_of_kind};
+use crate::owned_config_map::{self, DesiredConfigMap, WriteOutcome, controller_of_kind};
 use crate::queue::Priority;
 use crate::registry::{Built, CacheSet, ControllerEnv, Registration};
 use crate::runtime::{Controller, Reconciler};
@@ -125,11 +123,7 @@ pub fn desired_status(resource: &MyResource, outcome: Result<&str, &Error>) -> M
             ),
         ),
         Err(error) => {
-            let reason = match error {
-                Error::InvalidConfigMapName { .. } => Reason::InvalidConfigMapName,
-                Error::ConfigMapConflict { .. } => Reason::ConfigMapConflict,
-                _ => Reason::Reconciling,
-            };
+            let reason = error.reason();
             let phase = if error.is_transient() { Phase::Pending } else { Phase::Failed };
             (
                 phase,
@@ -181,9 +175,7 @@ async fn reconcile_inner(resource: &MyResource, context: &Context) -> Result<Req
         Err(error) if error.is_transient() => {
             // Say why the resource is not Ready yet; if even that write fails, the retry will.
             let status = desired_status(resource, Err(&error));
-            if resource.status.as_ref() != Some(&status) {
-                let _ = write_status(resource, context, &status).await;
-            }
+            let _ = write_status(resource, context, &status).await;
             return Err(error);
         }
         Err(error) => {
@@ -195,28 +187,20 @@ async fn reconcile_inner(resource: &MyResource, context: &Context) -> Result<Req
         }
     };
     let status = desired_status(resource, outcome.as_deref());
-    if resource.status.as_ref() != Some(&status) {
-        write_status(resource, context, &status).await?;
-        if let Err(error) = &outcome {
-            let reason = status.conditions.first().map(|c| c.reason.clone()).unwrap_or_default();
-            base.publish(resource, EventType::Warning, &reason, "Reconcile", error.to_string()).await;
-        }
+    if write_status(resource, context, &status).await? {
+        base.warn_if_not_ready(resource, &status.conditions, "Reconcile").await;
     }
     Ok(requeue)
 }
 
-async fn write_status(resource: &MyResource, context: &Context, status: &MyResourceStatus) -> Result<()> {
-    let namespace = resource.namespace().ok_or(Error::MissingField("metadata.namespace"))?;
-    let api: Api<MyResource> = Api::namespaced(context.base.client.clone(), &namespace);
-    let patch = json!({
-        "apiVersion": MyResource::api_version(&()),
-        "kind": MyResource::kind(&()),
-        "status": status,
-    });
-    let written =
-        api.patch_status(&resource.name_any(), &PatchParams::apply(MANAGER).force(), &Patch::Apply(patch)).await?;
-    context.written.record(&written);
-    Ok(())
+/// Writes `status` unless the resource shows it already; remembers what it wrote (see
+/// [`WrittenStatuses`]). Returns whether it wrote.
+async fn write_status(resource: &MyResource, context: &Context, status: &MyResourceStatus) -> Result<bool> {
+    let written = context.base.update_status(resource, resource.status.as_ref(), status).await?;
+    if let Some(written) = &written {
+        context.written.record(written);
+    }
+    Ok(written.is_some())
 }
 
 /// The MyResources a ConfigMap event concerns: its controller owner, if that is a MyResource.
