@@ -160,3 +160,38 @@ fn tutorial_manifest_deserialises_unchanged() {
     assert_eq!(resource.spec.message, "Hello, World!");
     assert_eq!(resource.status, None);
 }
+
+/// Every schema node of `schema`, depth first.
+fn nodes(schema: &JSONSchemaProps) -> Vec<&JSONSchemaProps> {
+    let mut all = vec![schema];
+    for child in schema.properties.iter().flat_map(|p| p.values()) {
+        all.extend(nodes(child));
+    }
+    if let Some(k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::JSONSchemaPropsOrArray::Schema(item)) =
+        &schema.items
+    {
+        all.extend(nodes(item));
+    }
+    all
+}
+
+#[test]
+fn the_api_server_knows_every_format_and_descriptions_are_one_line_per_paragraph() {
+    for crd in crd_types::crds() {
+        let name = crd.metadata.name.clone().unwrap_or_default();
+        for node in nodes(root_schema(&crd)) {
+            if let Some(format) = &node.format {
+                assert!(["int32", "int64", "date-time", "byte"].contains(&format.as_str()), "{name}: format {format}");
+            }
+            if let Some(description) = &node.description {
+                let broken = description.replace("\n\n", "").contains('\n');
+                assert!(!broken, "{name}: a description broken mid-paragraph: {description:?}");
+            }
+        }
+    }
+    // The counters keep their lower bound without the format.
+    let crds = crd_types::crds();
+    let broadcast = crds.iter().find(|c| c.spec.names.kind == "MessageBroadcast").expect("the broadcast CRD");
+    let ready = property(root_schema(broadcast), &["status", "readyNamespaces"]);
+    assert_eq!((ready.format.as_deref(), ready.minimum), (None, Some(0.0)));
+}
