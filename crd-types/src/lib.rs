@@ -44,7 +44,11 @@ const KNOWN_INTEGER_FORMATS: [&str; 2] = ["int32", "int64"];
 /// Kubernetes does not know are dropped (the `minimum`/`maximum` bounds stay), and descriptions
 /// are re-flowed from the Rust doc comments' line breaks into one line per paragraph.
 pub fn tidy_schema(schema: &mut k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::JSONSchemaProps) {
-    if schema.format.as_deref().is_some_and(|f| f.starts_with("uint") || (f.starts_with("int") && !KNOWN_INTEGER_FORMATS.contains(&f))) {
+    if schema
+        .format
+        .as_deref()
+        .is_some_and(|f| f.starts_with("uint") || (f.starts_with("int") && !KNOWN_INTEGER_FORMATS.contains(&f)))
+    {
         schema.format = None;
     }
     if let Some(description) = schema.description.as_mut() {
@@ -60,15 +64,15 @@ pub fn tidy_schema(schema: &mut k8s_openapi::apiextensions_apiserver::pkg::apis:
         .chain(schema.one_of.iter_mut().flatten())
         .chain(schema.not.as_deref_mut());
     let items = match schema.items.as_mut() {
-        Some(k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::JSONSchemaPropsOrArray::Schema(item)) => {
-            Some(item.as_mut())
-        }
+        Some(k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::JSONSchemaPropsOrArray::Schema(
+            item,
+        )) => Some(item.as_mut()),
         _ => None,
     };
     let additional = match schema.additional_properties.as_mut() {
-        Some(k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::JSONSchemaPropsOrBool::Schema(extra)) => {
-            Some(extra.as_mut())
-        }
+        Some(k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::JSONSchemaPropsOrBool::Schema(
+            extra,
+        )) => Some(extra.as_mut()),
         _ => None,
     };
     for child in children.chain(items).chain(additional) {

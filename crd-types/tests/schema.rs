@@ -167,8 +167,9 @@ fn nodes(schema: &JSONSchemaProps) -> Vec<&JSONSchemaProps> {
     for child in schema.properties.iter().flat_map(|p| p.values()) {
         all.extend(nodes(child));
     }
-    if let Some(k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::JSONSchemaPropsOrArray::Schema(item)) =
-        &schema.items
+    if let Some(k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::JSONSchemaPropsOrArray::Schema(
+        item,
+    )) = &schema.items
     {
         all.extend(nodes(item));
     }

@@ -87,20 +87,28 @@ impl DesiredConfigMap {
         self.is_owner_of(existing) && labelled && data_matches && no_binary
     }
 
-    /// A JSON merge patch that turns `existing` into the desired ConfigMap: sets our label, owner
-    /// and data, and removes data keys someone else added. The uid pins the patch to the object
-    /// we inspected (a recreated ConfigMap of the same name is not patched).
+    /// A JSON merge patch that turns `existing` into the desired ConfigMap: sets our label, our
+    /// owner reference (other owners' references stay, in place) and data, and removes data keys
+    /// someone else added. The uid and resourceVersion make it conditional on the object as read:
+    /// a recreated ConfigMap, or one changed since (a new owner, say), is not written; the
+    /// server answers 409 and the retry reads it again.
     fn repair_patch(&self, existing: &ConfigMap) -> serde_json::Value {
         let mut data: serde_json::Map<String, serde_json::Value> =
             self.data.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
         for key in existing.data.iter().flat_map(|d| d.keys()) {
             data.entry(key.clone()).or_insert(serde_json::Value::Null);
         }
+        let mut owners: Vec<OwnerReference> = existing.metadata.owner_references.clone().unwrap_or_default();
+        match owners.iter_mut().find(|owner| owner.uid == self.owner.uid) {
+            Some(ours) => *ours = self.owner.clone(),
+            None => owners.push(self.owner.clone()),
+        }
         json!({
             "metadata": {
                 "uid": existing.metadata.uid,
+                "resourceVersion": existing.metadata.resource_version,
                 "labels": {MANAGED_BY_LABEL: MANAGER},
-                "ownerReferences": [self.owner],
+                "ownerReferences": owners,
             },
             "data": data,
             "binaryData": null,
@@ -239,6 +247,29 @@ mod tests {
         assert_eq!(patch["data"]["extra"], serde_json::Value::Null);
         assert_eq!(patch["metadata"]["uid"], "cm-uid");
         assert_eq!(patch["metadata"]["ownerReferences"][0]["uid"], "uid-1");
+    }
+
+    #[test]
+    fn repair_patch_keeps_other_owners_and_is_conditional_on_the_version_read() {
+        let wanted = desired();
+        let mut existing = wanted.to_config_map();
+        existing.metadata.resource_version = Some("opaque-42".into());
+        let other = OwnerReference {
+            api_version: "v1".into(),
+            kind: "ConfigMap".into(),
+            name: "other".into(),
+            uid: "uid-other".into(),
+            controller: None,
+            block_owner_deletion: None,
+        };
+        let mut ours = wanted.owner.clone();
+        ours.block_owner_deletion = None;
+        existing.metadata.owner_references = Some(vec![other.clone(), ours]);
+        let patch = wanted.repair_patch(&existing);
+        assert_eq!(patch["metadata"]["resourceVersion"], "opaque-42");
+        let owners: Vec<OwnerReference> = serde_json::from_value(patch["metadata"]["ownerReferences"].clone())
+            .unwrap_or_else(|error| panic!("owner references: {error}"));
+        assert_eq!(owners, vec![other, wanted.owner.clone()], "the other owner stays, ours is restored in place");
     }
 
     #[test]

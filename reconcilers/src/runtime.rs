@@ -186,9 +186,13 @@ async fn work<R: Reconciler>(
     queue: Arc<WorkQueue<ObjectRef<R::Object>>>,
 ) {
     while let Some((key, priority)) = queue.get().await {
-        // An object no longer in the cache was deleted: its owned objects go with it (garbage
-        // collection), so there is nothing to reconcile.
-        if let Some(object) = store.get(&key) {
+        // An object no longer in the cache was deleted, and one being deleted (foreground or
+        // orphan deletion holds it with the garbage collector's finalizer) is being taken apart
+        // by the garbage collector: its owned objects go with it or are let go, so there is
+        // nothing to reconcile. (These controllers keep no finalizers of their own.) Repairing
+        // it would fight the collector: recreate what it just deleted, or re-adopt what it let go.
+        let object = store.get(&key).filter(|object| object.meta().deletion_timestamp.is_none());
+        if let Some(object) = object {
             match context.instrumented(&object, reconciler.reconcile(object.clone())).await {
                 Ok(Requeue::OnChange) => queue.forget(&key),
                 Ok(Requeue::After(delay)) => {

@@ -361,3 +361,133 @@ async fn forbidden_writes_are_retried_with_backoff_until_rbac_allows_them() -> R
     controllers.stop().await?;
     f.namespace.delete().await
 }
+
+/// Waits until the MyResource queue has taken at least one key beyond `adds_before` and is idle
+/// again: every event up to now has been handled.
+async fn queue_settled(controllers: &RunningControllers, adds_before: u64) -> Result<()> {
+    let queue = controllers.metrics.queue_metrics("myresource");
+    eventually(CONVERGE, "the MyResource queue to take the event and go idle", || async {
+        let idle = queue.adds.get() > adds_before && queue.depth.get() == 0 && queue.longest_running.get() == 0.0;
+        Ok(idle.then_some(()))
+    })
+    .await
+}
+
+/// `ConfigMapCreated` events about MyResource `name`.
+async fn created_events(f: &Fixture, name: &str) -> Result<usize> {
+    let events: Api<Event> = Api::namespaced(f.client.clone(), f.ns());
+    let list = events.list(&ListParams::default()).await?;
+    Ok(list
+        .items
+        .iter()
+        .filter(|e| e.reason.as_deref() == Some("ConfigMapCreated"))
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
+        .count())
+}
+
+/// A MyResource held by a finalizer of the test's own, so its deletion stays in progress.
+async fn held(f: &Fixture, name: &str) -> Result<()> {
+    let mut resource = MyResource::new(name, MyResourceSpec { message: "held".to_owned() });
+    resource.metadata.finalizers = Some(vec!["e2e.example.com/hold".to_owned()]);
+    f.resources.create(&PostParams::default(), &resource).await?;
+    f.wait_ready(name, CONVERGE).await?;
+    wait_for_message(&f.config_maps, &format!("{name}-configmap"), "held").await?;
+    Ok(())
+}
+
+async fn release(f: &Fixture, name: &str) -> Result<()> {
+    let patch = json!({"metadata": {"finalizers": null}});
+    f.resources.patch(name, &PatchParams::default(), &Patch::Merge(patch)).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_resource_in_foreground_deletion_is_not_reconciled_and_its_config_map_is_not_recreated() -> Result<()> {
+    let f = Fixture::new("mr-foreground").await?;
+    let controllers = RunningControllers::start_in(&f.cluster, f.ns()).await?;
+    held(&f, "fg").await?;
+    let adds_before = controllers.metrics.queue_metrics("myresource").adds.get();
+    f.resources.delete("fg", &DeleteParams::foreground()).await?;
+    // The garbage collector deletes the ConfigMap first (it blocks the owner's deletion); the
+    // owner stays Terminating on the test's finalizer.
+    eventually(CONVERGE, "the garbage collector to delete the ConfigMap", || async {
+        Ok(f.config_maps.get_opt("fg-configmap").await?.is_none().then_some(()))
+    })
+    .await?;
+    queue_settled(&controllers, adds_before).await?;
+    ensure!(f.config_maps.get_opt("fg-configmap").await?.is_none(), "the operator recreated the ConfigMap");
+    ensure!(created_events(&f, "fg").await? == 1, "one ConfigMapCreated event, for the first creation");
+    ensure!(f.resources.get_opt("fg").await?.is_some_and(|r| r.metadata.deletion_timestamp.is_some()));
+    release(&f, "fg").await?;
+    eventually(CONVERGE, "the MyResource to go", || async {
+        Ok(f.resources.get_opt("fg").await?.is_none().then_some(()))
+    })
+    .await?;
+    controllers.stop().await
+}
+
+#[tokio::test]
+async fn orphan_deletion_leaves_the_config_map_without_a_false_conflict_or_its_reference_restored() -> Result<()> {
+    let f = Fixture::new("mr-orphan").await?;
+    let controllers = RunningControllers::start_in(&f.cluster, f.ns()).await?;
+    held(&f, "orphan").await?;
+    let orphan = DeleteParams { propagation_policy: Some(kube::api::PropagationPolicy::Orphan), ..Default::default() };
+    f.resources.delete("orphan", &orphan).await?;
+    eventually(CONVERGE, "the garbage collector to strip the ownerReference", || async {
+        let config_map = f.config_maps.get("orphan-configmap").await?;
+        Ok(config_map.owner_references().is_empty().then_some(()))
+    })
+    .await?;
+    // A spec change while it is being deleted: an event for it, after the reference is gone.
+    let adds_before = controllers.metrics.queue_metrics("myresource").adds.get();
+    let change = json!({"spec": {"message": "changed while deleting"}});
+    f.resources.patch("orphan", &PatchParams::default(), &Patch::Merge(change)).await?;
+    queue_settled(&controllers, adds_before).await?;
+    let config_map = f.config_maps.get("orphan-configmap").await?;
+    ensure!(
+        config_map.owner_references().is_empty(),
+        "the reference was put back: {:?}",
+        config_map.owner_references()
+    );
+    let resource = f.resources.get("orphan").await?;
+    let phase = resource.status.and_then(|s| s.phase);
+    ensure!(phase == Some(Phase::Ready), "no false ConfigMapConflict while it is deleted: {phase:?}");
+    release(&f, "orphan").await?;
+    eventually(CONVERGE, "the MyResource to go", || async {
+        Ok(f.resources.get_opt("orphan").await?.is_none().then_some(()))
+    })
+    .await?;
+    ensure!(f.config_maps.get_opt("orphan-configmap").await?.is_some(), "the orphaned ConfigMap stays");
+    controllers.stop().await
+}
+
+#[tokio::test]
+async fn drift_repair_keeps_other_owners_references() -> Result<()> {
+    let f = Fixture::new("mr-owners").await?;
+    let controllers = RunningControllers::start_in(&f.cluster, f.ns()).await?;
+    create(&f.resources, "shared", "mine").await?;
+    wait_for_message(&f.config_maps, "shared-configmap", "mine").await?;
+    // Another owner (a real object, so the garbage collector keeps the reference) is added next
+    // to ours, and the data is tampered with.
+    let other: ConfigMap = serde_json::from_value(json!({"metadata": {"name": "other-owner"}}))?;
+    let other = f.config_maps.create(&PostParams::default(), &other).await?;
+    let existing = f.config_maps.get("shared-configmap").await?;
+    let mut owners = existing.owner_references().to_vec();
+    owners.push(k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
+        api_version: "v1".into(),
+        kind: "ConfigMap".into(),
+        name: "other-owner".into(),
+        uid: other.uid().context("uid")?,
+        ..Default::default()
+    });
+    let tamper = json!({"metadata": {"ownerReferences": owners}, "data": {"message": "tampered"}});
+    f.config_maps.patch("shared-configmap", &PatchParams::default(), &Patch::Merge(tamper)).await?;
+    let repaired = wait_for_message(&f.config_maps, "shared-configmap", "mine").await?;
+    let kinds: Vec<(String, String)> =
+        repaired.owner_references().iter().map(|o| (o.kind.clone(), o.name.clone())).collect();
+    ensure!(
+        kinds == [("MyResource".to_owned(), "shared".to_owned()), ("ConfigMap".to_owned(), "other-owner".to_owned())],
+        "both owners after the repair: {kinds:?}"
+    );
+    controllers.stop().await
+}
