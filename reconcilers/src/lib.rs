@@ -31,6 +31,9 @@ pub use registry::{CONTROLLERS, Registration};
 
 use registry::{Built, CacheSet, ControllerEnv};
 
+/// controller-runtime's default SyncPeriod.
+pub const DEFAULT_SYNC_PERIOD: Duration = Duration::from_secs(10 * 60 * 60);
+
 /// What to run and how wide.
 #[derive(Clone, Debug)]
 pub struct Settings {
@@ -46,6 +49,9 @@ pub struct Settings {
     pub watch_namespace: Option<String>,
     /// A reconcile running longer than this is cancelled and retried with backoff.
     pub reconcile_timeout: Duration,
+    /// How often every cached object is reconciled again without an event (controller-runtime's
+    /// SyncPeriod, jittered ±10%); `None` never.
+    pub sync_period: Option<Duration>,
 }
 
 impl Default for Settings {
@@ -56,6 +62,7 @@ impl Default for Settings {
             instance: None,
             watch_namespace: None,
             reconcile_timeout: Duration::from_secs(60),
+            sync_period: Some(DEFAULT_SYNC_PERIOD),
         }
     }
 }
@@ -78,6 +85,7 @@ impl Settings {
 /// which write, run only while this replica leads ([`Caches::controllers`]).
 pub struct Caches {
     controllers: Vec<(Built, u16)>,
+    sync_period: Option<Duration>,
 }
 
 impl Caches {
@@ -101,7 +109,7 @@ impl Caches {
             .filter(|registration| settings.controllers.contains(registration.name))
             .map(|registration| ((registration.build)(&mut caches, &env), settings.concurrency_of(registration)))
             .collect();
-        (Self { controllers }, caches.run(shutdown))
+        (Self { controllers, sync_period: settings.sync_period }, caches.run(shutdown))
     }
 
     /// The selected controllers over these caches: they subscribe now (replaying what the caches
@@ -111,7 +119,7 @@ impl Caches {
         let runs: Vec<_> = self
             .controllers
             .iter()
-            .map(|(controller, concurrency)| controller.run(*concurrency, stop.clone()))
+            .map(|(controller, concurrency)| controller.run(*concurrency, self.sync_period, stop.clone()))
             .collect();
         futures::future::join_all(runs).map(|_| ())
     }

@@ -37,54 +37,75 @@ const CONFLICT_RECHECK: Duration = Duration::from_secs(120);
 pub struct Context {
     pub base: Arc<ControllerContext<MyResource>>,
     pub config_maps: Store<ConfigMap>,
-    pub written: WrittenStatuses,
+    pub written: Arc<WrittenStatuses>,
 }
 
-/// Statuses this controller wrote, kept until the MyResource cache shows them. The reconcile
-/// triggered by the owned ConfigMap's creation usually runs before the MyResource's own watch
-/// event arrives; without this it would see no status and write the same one again.
+/// Statuses this controller wrote. Until the MyResource cache shows a write, the written status
+/// stands in for the cached one: the reconcile triggered by the owned ConfigMap's creation
+/// usually runs before the MyResource's own watch event arrives, and without this it would see no
+/// status and write the same one again. Afterwards the record tells this controller's status
+/// writes (no reconcile needed) from anyone else's (reconcile, to restore it).
 #[derive(Debug, Default)]
-pub struct WrittenStatuses(std::sync::Mutex<HashMap<String, (u64, MyResourceStatus, Instant)>>);
+pub struct WrittenStatuses(std::sync::Mutex<HashMap<String, Written>>);
 
-/// A written status older than this is forgotten even if its object never showed up again.
+#[derive(Debug)]
+struct Written {
+    /// The resourceVersion the write returned.
+    version: String,
+    status: MyResourceStatus,
+    at: Instant,
+    /// The cache has shown this write (or something newer).
+    caught_up: bool,
+}
+
+/// A written status stands in for the cache at most this long (a cache that never shows the
+/// write, e.g. after an etcd restore moved resourceVersions back, is trusted again after it).
 const WRITTEN_STATUS_TTL: Duration = Duration::from_secs(60);
 
-fn resource_version(resource: &MyResource) -> Option<u64> {
-    resource.metadata.resource_version.as_deref()?.parse().ok()
+/// Whether resourceVersion `seen` is at least `written`. resourceVersions are opaque except for
+/// the order the API defines (KEP-5504): same length compares lexically, longer is newer.
+fn at_least(seen: &str, written: &str) -> bool {
+    (seen.len(), seen) >= (written.len(), written)
 }
 
 impl WrittenStatuses {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Written>> {
+        self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
     fn record(&self, written: &MyResource) {
         let (Some(uid), Some(version), Some(status)) =
-            (written.uid(), resource_version(written), written.status.clone())
+            (written.uid(), written.metadata.resource_version.clone(), written.status.clone())
         else {
             return;
         };
-        let mut map = self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if map.len() > 1024 {
-            map.retain(|_, (_, _, at)| at.elapsed() < WRITTEN_STATUS_TTL);
-        }
-        map.insert(uid, (version, status, Instant::now()));
+        self.lock().insert(uid, Written { version, status, at: Instant::now(), caught_up: false });
     }
 
     /// `cached`, with the status this controller last wrote when the cache has not caught up
-    /// with that write yet. (resourceVersions are compared as numbers, as etcd issues them; one
-    /// that does not parse means the cache is trusted.)
+    /// with that write yet.
     fn freshest<'a>(&self, cached: &'a MyResource) -> Cow<'a, MyResource> {
         let Some(uid) = cached.uid() else { return Cow::Borrowed(cached) };
-        let mut map = self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        match (map.get(&uid), resource_version(cached)) {
-            (Some((written, status, _)), Some(seen)) if seen < *written => {
-                let mut fresher = cached.clone();
-                fresher.status = Some(status.clone());
-                Cow::Owned(fresher)
-            }
-            (Some(_), _) => {
-                map.remove(&uid);
-                Cow::Borrowed(cached)
-            }
-            (None, _) => Cow::Borrowed(cached),
+        let mut map = self.lock();
+        let Some(written) = map.get_mut(&uid).filter(|w| !w.caught_up) else { return Cow::Borrowed(cached) };
+        let seen = cached.metadata.resource_version.as_deref().unwrap_or_default();
+        if at_least(seen, &written.version) || written.at.elapsed() >= WRITTEN_STATUS_TTL {
+            written.caught_up = true;
+            return Cow::Borrowed(cached);
         }
+        let mut fresher = cached.clone();
+        fresher.status = Some(written.status.clone());
+        Cow::Owned(fresher)
+    }
+
+    /// Whether `status` is the one this controller last wrote for `uid`.
+    fn is_ours(&self, uid: &str, status: Option<&MyResourceStatus>) -> bool {
+        self.lock().get(uid).map(|w| &w.status) == status
+    }
+
+    /// Forgets the objects not in `live`.
+    fn retain(&self, live: &std::collections::HashSet<String>) {
+        self.lock().retain(|uid, _| live.contains(uid));
     }
 }
 
@@ -209,12 +230,14 @@ fn owners_of(config_map: &ConfigMap) -> Option<ObjectRef<MyResource>> {
     controller_of_kind::<MyResource>(&config_map.metadata).map(|owner| ObjectRef::new(&owner.name).within(&namespace))
 }
 
-/// The MyResource changes worth a reconcile: new objects and spec changes (a new generation).
-/// Status and metadata updates, mostly this controller's own status writes, are skipped, as
-/// controller-runtime's GenerationChangedPredicate does; their reconcile would find nothing to do
-/// and, with the ConfigMap cache a moment behind, cost a redundant create and read.
-fn generation_changed(
+/// The MyResource changes worth a reconcile: new objects, spec changes (a new generation), and
+/// statuses written by someone else (cleared or overwritten: restored). This controller's own
+/// status writes and metadata-only updates are skipped, as controller-runtime's
+/// GenerationChangedPredicate does; their reconcile would find nothing to do and, with the
+/// ConfigMap cache a moment behind, cost a redundant create and read.
+fn worth_reconciling(
     resources: &SharedCache<MyResource>,
+    written: Arc<WrittenStatuses>,
 ) -> impl futures::Stream<Item = (ObjectRef<MyResource>, Priority)> + Send + 'static {
     let store = resources.store();
     let mut seen: std::collections::HashMap<String, i64> = std::collections::HashMap::new();
@@ -224,13 +247,15 @@ fn generation_changed(
             let (Some(uid), Some(generation)) = (resource.uid(), resource.metadata.generation) else {
                 return futures::future::ready(true);
             };
-            let changed = seen.insert(uid, generation) != Some(generation);
-            // Forget deleted objects now and then, so the map stays the size of the cache.
+            let new_generation = seen.insert(uid.clone(), generation) != Some(generation);
+            let foreign_status = !written.is_ours(&uid, resource.status.as_ref());
+            // Forget deleted objects now and then, so the maps stay the size of the cache.
             if seen.len() > 2 * store.len() + 64 {
                 let live: std::collections::HashSet<String> = store.state().iter().filter_map(|r| r.uid()).collect();
                 seen.retain(|uid, _| live.contains(uid));
+                written.retain(&live);
             }
-            futures::future::ready(changed)
+            futures::future::ready(new_generation || foreign_status)
         })
         .map(|(resource, priority)| (ObjectRef::from_obj(&*resource), priority))
 }
@@ -240,14 +265,12 @@ fn generation_changed(
 fn build(caches: &mut CacheSet, env: &ControllerEnv) -> Built {
     let resources = caches.get::<MyResource>();
     let config_maps = caches.get::<ConfigMap>();
-    let context = Arc::new(Context {
-        base: env.context(CONTROLLER),
-        config_maps: config_maps.store(),
-        written: WrittenStatuses::default(),
-    });
+    let context =
+        Arc::new(Context { base: env.context(CONTROLLER), config_maps: config_maps.store(), written: Arc::default() });
     let primary = resources.clone();
+    let written = context.written.clone();
     Controller::new(context.clone(), context.base.clone(), &resources)
-        .source(move || generation_changed(&primary).boxed())
+        .source(move || worth_reconciling(&primary, written.clone()).boxed())
         .watches(&config_maps, owners_of)
         .into()
 }
@@ -331,7 +354,17 @@ mod tests {
         let mut caught_up = resource("hello", "hi");
         caught_up.metadata.resource_version = Some("8".into());
         assert_eq!(written.freshest(&caught_up).status, None, "a newer cached object wins");
-        assert_eq!(written.freshest(&stale).status, None, "and the written status is forgotten");
+        assert_eq!(written.freshest(&stale).status, None, "and the written status no longer stands in");
+        assert!(written.is_ours("uid-1", after_write.status.as_ref()), "but is remembered as ours");
+        assert!(!written.is_ours("uid-1", None), "a cleared status is someone else's");
+    }
+
+    #[test]
+    fn resource_versions_compare_as_the_api_defines_not_as_numbers() {
+        assert!(at_least("10", "9"), "longer is newer");
+        assert!(!at_least("9", "10"));
+        assert!(at_least("123", "123"));
+        assert!(at_least("124", "123") && !at_least("123", "124"), "same length: lexical");
     }
 
     #[test]

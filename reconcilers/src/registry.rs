@@ -79,19 +79,25 @@ impl ControllerEnv {
 pub struct Built(Box<dyn Run>);
 
 trait Run: Send + Sync {
-    fn run(&self, concurrency: u16, stop: CancellationToken) -> BoxFuture<'static, ()>;
+    fn run(&self, concurrency: u16, sync_period: Option<Duration>, stop: CancellationToken) -> BoxFuture<'static, ()>;
 }
 
 impl<R: Reconciler> Run for Controller<R> {
-    fn run(&self, concurrency: u16, stop: CancellationToken) -> BoxFuture<'static, ()> {
-        Controller::run(self, concurrency, stop).boxed()
+    fn run(&self, concurrency: u16, sync_period: Option<Duration>, stop: CancellationToken) -> BoxFuture<'static, ()> {
+        Controller::run(self, concurrency, sync_period, stop).boxed()
     }
 }
 
 impl Built {
-    /// Runs the controller with `concurrency` workers until `stop` (see [`Controller::run`]).
-    pub fn run(&self, concurrency: u16, stop: CancellationToken) -> BoxFuture<'static, ()> {
-        self.0.run(concurrency, stop)
+    /// Runs the controller with `concurrency` workers, resyncing every `sync_period`, until
+    /// `stop` (see [`Controller::run`]).
+    pub fn run(
+        &self,
+        concurrency: u16,
+        sync_period: Option<Duration>,
+        stop: CancellationToken,
+    ) -> BoxFuture<'static, ()> {
+        self.0.run(concurrency, sync_period, stop)
     }
 }
 

@@ -121,7 +121,16 @@ impl<R: Reconciler> Controller<R> {
     /// Subscribes to the sources now (so nothing that changes from here on is missed) and returns
     /// the run: queue every event at once, start `concurrency` workers once every cache synced,
     /// and on `stop` hand out no more keys and let the workers finish what they hold.
-    pub fn run(&self, concurrency: u16, stop: CancellationToken) -> impl Future<Output = ()> + Send + 'static {
+    ///
+    /// Every `sync_period` (jittered by ±10%, controller-runtime's SyncPeriod), every cached
+    /// object is queued again at low priority: a level-triggered check that repairs what no
+    /// event reported, and writes nothing when the cluster is in sync.
+    pub fn run(
+        &self,
+        concurrency: u16,
+        sync_period: Option<Duration>,
+        stop: CancellationToken,
+    ) -> impl Future<Output = ()> + Send + 'static {
         let metrics = &self.context.metrics;
         metrics.max_concurrent_reconciles.with_label_values(&[self.name()]).set(i64::from(concurrency));
         metrics.active_workers.with_label_values(&[self.name()]).set(0);
@@ -133,10 +142,12 @@ impl<R: Reconciler> Controller<R> {
             .map(|_| work(self.reconciler.clone(), self.context.clone(), self.store.clone(), queue.clone()))
             .collect();
         let refresh = refresh_unfinished(queue.clone(), stop.clone());
+        let resync = sync_period.map(|period| resync(self.store.clone(), queue.clone(), period, stop.clone()));
         async move {
             let feeding = tokio::spawn(feed);
             let refreshing = tokio::spawn(refresh);
             if synced.await {
+                let resyncing = resync.map(tokio::spawn);
                 let shutdown = {
                     let queue = queue.clone();
                     async move {
@@ -145,6 +156,9 @@ impl<R: Reconciler> Controller<R> {
                     }
                 };
                 futures::future::join(shutdown, futures::future::join_all(workers)).await;
+                if let Some(resyncing) = resyncing {
+                    resyncing.abort();
+                }
             }
             queue.shut_down();
             feeding.abort();
@@ -164,6 +178,23 @@ async fn feed<K>(
     let mut events = std::pin::pin!(events.take_until(stop.cancelled_owned()));
     while let Some((key, priority)) = events.next().await {
         queue.add(key, priority);
+    }
+}
+
+/// Queues every cached object at low priority every `period` (jittered) until `stop`.
+async fn resync<K>(store: Store<K>, queue: Arc<WorkQueue<ObjectRef<K>>>, period: Duration, stop: CancellationToken)
+where
+    K: Resource<DynamicType = ()> + Clone + 'static,
+{
+    loop {
+        let wait = period.mul_f64(rand::random_range(0.9..1.1));
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(wait) => {}
+        }
+        for object in store.state() {
+            queue.add(ObjectRef::from_obj(&*object), Priority::Low);
+        }
     }
 }
 

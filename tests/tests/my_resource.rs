@@ -491,3 +491,60 @@ async fn drift_repair_keeps_other_owners_references() -> Result<()> {
     );
     controllers.stop().await
 }
+
+#[tokio::test]
+async fn a_status_cleared_by_another_writer_is_restored_within_seconds() -> Result<()> {
+    let f = Fixture::new("mr-status").await?;
+    let controllers = RunningControllers::start_in(&f.cluster, f.ns()).await?;
+    create(&f.resources, "cleared", "keep my status").await?;
+    wait_for_phase(&f.resources, "cleared", Phase::Ready).await?;
+    // What `kubectl edit --subresource=status` or a stale writer does: the status goes.
+    let clear = json!({"status": null});
+    f.resources.patch_status("cleared", &PatchParams::default(), &Patch::Merge(clear)).await?;
+    ensure!(f.resources.get("cleared").await?.status.is_none(), "the status was cleared");
+    let restored = eventually(Duration::from_secs(10), "the status to be restored", || async {
+        let resource = f.resources.get("cleared").await?;
+        Ok(resource.status.filter(|s| s.phase == Some(Phase::Ready)))
+    })
+    .await?;
+    ensure!(restored.config_map_name.as_deref() == Some("cleared-configmap"), "{restored:?}");
+    controllers.stop().await
+}
+
+#[tokio::test]
+async fn a_periodic_resync_reconciles_everything_again_and_writes_nothing_when_in_sync() -> Result<()> {
+    let f = Fixture::new("mr-resync").await?;
+    let settings = reconcilers::Settings {
+        watch_namespace: Some(f.ns().to_owned()),
+        sync_period: Some(Duration::from_secs(1)),
+        ..Default::default()
+    };
+    let controllers = RunningControllers::start(&f.cluster.admin_kubeconfig, settings).await?;
+    for index in 0..3 {
+        create(&f.resources, &format!("synced-{index}"), "in sync").await?;
+    }
+    for index in 0..3 {
+        f.wait_ready(&format!("synced-{index}"), CONVERGE).await?;
+    }
+    // Let the writes of the first reconciles land (events are published in the background).
+    let writes = eventually(CONVERGE, "the writes to settle", || async {
+        let before = controllers.metrics.write_requests();
+        let reconciles = controllers.metrics.reconciles("myresource");
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let steady =
+            controllers.metrics.write_requests() == before && controllers.metrics.reconciles("myresource") > reconciles;
+        Ok(steady.then_some(before))
+    })
+    .await?;
+    let reconciles = controllers.metrics.reconciles("myresource");
+    eventually(Duration::from_secs(10), "three more resyncs of every object", || async {
+        Ok((controllers.metrics.reconciles("myresource") >= reconciles + 9).then_some(()))
+    })
+    .await?;
+    ensure!(
+        controllers.metrics.write_requests() == writes,
+        "resyncs of an in-sync namespace wrote: {}",
+        controllers.metrics.request_summary()
+    );
+    controllers.stop().await
+}

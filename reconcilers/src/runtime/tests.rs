@@ -70,7 +70,7 @@ async fn start(concurrency: u16) -> Running {
         Arc::new(ControllerContext::new("test", offline_client(), metrics.clone(), None, Duration::from_secs(5)));
     let controller = Controller::new(recording.clone(), context, &cache).owns_events(&cache);
     let stop = CancellationToken::new();
-    let run = tokio::spawn(controller.run(concurrency, stop.clone()));
+    let run = tokio::spawn(controller.run(concurrency, None, stop.clone()));
     Running { recording, feed, metrics, stop, run }
 }
 
