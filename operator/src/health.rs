@@ -24,6 +24,17 @@ pub struct Health {
     leading: AtomicBool,
     /// A heartbeat older than this means the election loop is wedged; `None` without election.
     stale_after: Option<Duration>,
+    /// The caches that have not synced, with why (set once the caches exist).
+    unsynced: std::sync::OnceLock<CacheCheck>,
+}
+
+/// Names the caches that have not synced.
+struct CacheCheck(Box<dyn Fn() -> Vec<String> + Send + Sync>);
+
+impl std::fmt::Debug for CacheCheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CacheCheck")
+    }
 }
 
 impl Health {
@@ -35,7 +46,25 @@ impl Health {
             heartbeat_millis: AtomicU64::new(0),
             leading: AtomicBool::new(false),
             stale_after,
+            unsynced: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Installs the check of the caches: `unsynced` names those that have not synced.
+    pub fn watch_caches(&self, unsynced: impl Fn() -> Vec<String> + Send + Sync + 'static) {
+        let _ = self.unsynced.set(CacheCheck(Box::new(unsynced)));
+    }
+
+    /// On the leader, every cache must have synced: a controller waits for its caches, so one
+    /// that cannot list (a missing CRD, RBAC that does not allow it) stops that controller. A
+    /// standby is ready regardless; it only keeps its caches warm.
+    fn caches_check(&self) -> CheckResult {
+        let unsynced = match self.unsynced.get() {
+            Some(check) if self.is_leading() => (check.0)(),
+            _ => Vec::new(),
+        };
+        let failure = (!unsynced.is_empty()).then(|| format!("caches not synced: {}", unsynced.join("; ")));
+        CheckResult { name: "caches", failure }
     }
 
     /// Called by the election loop on every iteration.
@@ -68,9 +97,12 @@ impl Health {
         vec![CheckResult { name: "ping", failure: None }, self.election_check()]
     }
 
-    /// Checks behind `/readyz`: a standby is ready; only a wedged election loop is not.
+    /// Checks behind `/readyz`: a standby is ready unless its election loop is wedged; the
+    /// leader also needs every cache synced.
     pub fn readiness(&self) -> Vec<CheckResult> {
-        self.liveness()
+        let mut checks = self.liveness();
+        checks.push(self.caches_check());
+        checks
     }
 }
 
@@ -85,6 +117,18 @@ mod tests {
         let checks = health.liveness();
         assert_eq!(checks[0], CheckResult { name: "ping", failure: None });
         assert!(checks[1].failure.as_deref().is_some_and(|f| f.contains("election loop silent")));
+    }
+
+    #[test]
+    fn the_leader_is_not_ready_while_a_cache_has_not_synced_and_a_standby_is() {
+        let health = Health::new(None);
+        health.watch_caches(|| vec!["namespaces: forbidden".to_owned()]);
+        let failure =
+            |health: &Health| health.readiness().into_iter().find(|c| c.name == "caches").and_then(|c| c.failure);
+        assert_eq!(failure(&health), None, "a standby is ready");
+        health.set_leading(true);
+        assert_eq!(failure(&health).as_deref(), Some("caches not synced: namespaces: forbidden"));
+        assert!(health.liveness().iter().all(|c| c.failure.is_none()), "and alive");
     }
 
     #[test]

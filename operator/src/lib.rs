@@ -103,6 +103,7 @@ pub async fn run(config: Config) -> Result<ExitCode> {
     let (caches, watching) =
         reconcilers::Caches::new(client.clone(), config.controllers.clone(), metrics.clone(), stop_caches.clone());
     let watching = tokio::spawn(watching);
+    health.watch_caches(caches.unsynced());
 
     let code = match config.election.clone() {
         None => {

@@ -86,6 +86,7 @@ impl Settings {
 pub struct Caches {
     controllers: Vec<(Built, u16)>,
     sync_period: Option<Duration>,
+    states: std::sync::Arc<Vec<registry::SyncState>>,
 }
 
 impl Caches {
@@ -109,7 +110,21 @@ impl Caches {
             .filter(|registration| settings.controllers.contains(registration.name))
             .map(|registration| ((registration.build)(&mut caches, &env), settings.concurrency_of(registration)))
             .collect();
-        (Self { controllers, sync_period: settings.sync_period }, caches.run(shutdown))
+        let states = std::sync::Arc::new(caches.states());
+        (Self { controllers, sync_period: settings.sync_period, states }, caches.run(shutdown))
+    }
+
+    /// A check of the caches for readiness: the ones that have not synced, each with the reason
+    /// (the watch's last API error), as `resource: reason`. A controller waits for its caches, so
+    /// on the leader an unsynced cache means a controller that does not reconcile.
+    pub fn unsynced(&self) -> impl Fn() -> Vec<String> + Send + Sync + 'static {
+        let states = self.states.clone();
+        move || {
+            states
+                .iter()
+                .filter_map(|(resource, state)| state().err().map(|why| format!("{resource}: {why}")))
+                .collect()
+        }
     }
 
     /// The selected controllers over these caches: they subscribe now (replaying what the caches

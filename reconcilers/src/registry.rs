@@ -187,12 +187,16 @@ pub struct CacheSet {
     metrics: Metrics,
     caches: HashMap<TypeId, Box<dyn Any + Send + Sync>>,
     watches: Vec<Box<dyn FnOnce(CancellationToken) -> BoxFuture<'static, ()> + Send>>,
+    states: Vec<SyncState>,
 }
+
+/// Whether one cache has synced, and why not.
+pub type SyncState = (&'static str, Box<dyn Fn() -> Result<(), String> + Send + Sync>);
 
 impl CacheSet {
     /// No caches yet; `scope` is `--watch-namespace`.
     pub fn new(client: Client, scope: Option<String>, metrics: Metrics) -> Self {
-        Self { client, scope, metrics, caches: HashMap::new(), watches: Vec::new() }
+        Self { client, scope, metrics, caches: HashMap::new(), watches: Vec::new(), states: Vec::new() }
     }
 
     /// The one cache of `K`, made now if no controller asked for it before.
@@ -204,7 +208,14 @@ impl CacheSet {
         let (cache, watch) = SharedCache::new(api, config, K::strip, K::RESOURCE, self.metrics.clone());
         self.watches.push(Box::new(move |shutdown| watch.run(shutdown).boxed()));
         self.caches.insert(TypeId::of::<K>(), Box::new(cache.clone()));
+        let state = cache.clone();
+        self.states.push((K::RESOURCE, Box::new(move || state.sync_state())));
         cache
+    }
+
+    /// Each cache's sync state, by resource name (for readiness).
+    pub fn states(&mut self) -> Vec<SyncState> {
+        std::mem::take(&mut self.states)
     }
 
     /// Lists and watches every cache made until `shutdown`.

@@ -35,11 +35,15 @@ const SUBSCRIBER_BUFFER: usize = 1024;
 pub struct SharedCache<K: Resource<DynamicType = ()> + Clone + 'static> {
     store: Store<K>,
     subscribers: async_broadcast::InactiveReceiver<Notification<K>>,
+    last_error: LastError,
 }
+
+/// The watch's last error, until a list succeeds.
+type LastError = Arc<std::sync::Mutex<Option<String>>>;
 
 impl<K: Resource<DynamicType = ()> + Clone + 'static> Clone for SharedCache<K> {
     fn clone(&self) -> Self {
-        Self { store: self.store.clone(), subscribers: self.subscribers.clone() }
+        Self { store: self.store.clone(), subscribers: self.subscribers.clone(), last_error: self.last_error.clone() }
     }
 }
 
@@ -53,6 +57,7 @@ pub struct CacheWatch<K: Resource<DynamicType = ()> + Clone + 'static> {
     sender: async_broadcast::Sender<Notification<K>>,
     resource: &'static str,
     metrics: Metrics,
+    last_error: LastError,
 }
 
 impl<K> SharedCache<K>
@@ -73,8 +78,29 @@ where
         // Back-pressure instead of dropping: a lagging controller must not miss a change.
         sender.set_overflow(false);
         sender.set_await_active(false);
-        let watch = CacheWatch { api, config, strip, store: store.clone(), writer, sender, resource, metrics };
-        (Self { store, subscribers: receiver.deactivate() }, watch)
+        let last_error = LastError::default();
+        let watch = CacheWatch {
+            api,
+            config,
+            strip,
+            store: store.clone(),
+            writer,
+            sender,
+            resource,
+            metrics,
+            last_error: last_error.clone(),
+        };
+        (Self { store, subscribers: receiver.deactivate(), last_error }, watch)
+    }
+
+    /// `Ok` once the first list completed; otherwise why not (the watch's last error).
+    pub fn sync_state(&self) -> Result<(), String> {
+        use futures::FutureExt;
+        if self.store.wait_until_ready().now_or_never().is_some_and(|ready| ready.is_ok()) {
+            return Ok(());
+        }
+        let error = self.last_error.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone();
+        Err(error.unwrap_or_else(|| "the first list has not completed".to_owned()))
     }
 
     /// Read handle on the cached objects.
@@ -108,7 +134,11 @@ where
     /// Lists and watches until `shutdown` fires, keeping the store current and notifying
     /// subscribers. Watch errors (including 410 Gone) are retried with backoff by relisting.
     pub async fn run(self, shutdown: CancellationToken) {
-        let Self { api, config, strip, store, mut writer, sender, resource, metrics } = self;
+        use futures::FutureExt;
+        let Self { api, config, strip, store, mut writer, sender, resource, metrics, last_error } = self;
+        let set_error = |error: Option<String>| {
+            *last_error.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = error;
+        };
         let events = watch::watcher(api, config).default_backoff().modify(strip);
         let mut events = std::pin::pin!(events);
         loop {
@@ -120,9 +150,18 @@ where
                 None => break,
                 Some(Err(error)) => {
                     metrics.watch_events_total.with_label_values(&[resource, "ERROR"]).inc();
-                    tracing::warn!(resource, %error, "watch failed; relisting with backoff");
+                    let synced = store.wait_until_ready().now_or_never().is_some_and(|ready| ready.is_ok());
+                    if synced {
+                        tracing::warn!(resource, %error, "watch failed; relisting with backoff");
+                    } else {
+                        tracing::error!(resource, %error, "cache cannot sync: listing failed; retrying with backoff");
+                    }
+                    set_error(Some(error.to_string()));
                 }
                 Some(Ok(event)) => {
+                    if matches!(event, Event::InitDone) {
+                        set_error(None);
+                    }
                     let changed = apply(&store, &mut writer, event, resource, &metrics);
                     for object in changed {
                         // An error only means no controller is subscribed right now (a standby).
@@ -227,7 +266,8 @@ where
         let (mut sender, receiver) = async_broadcast::broadcast(SUBSCRIBER_BUFFER);
         sender.set_overflow(false);
         sender.set_await_active(false);
-        let cache = SharedCache { store: store.clone(), subscribers: receiver.deactivate() };
+        let cache =
+            SharedCache { store: store.clone(), subscribers: receiver.deactivate(), last_error: LastError::default() };
         (cache, Self { store, writer, sender, metrics })
     }
 
