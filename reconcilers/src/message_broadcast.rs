@@ -154,6 +154,11 @@ async fn reconcile_inner(broadcast: &MessageBroadcast, context: &Context) -> Res
     })
 }
 
+/// Whether the API refused a write because the namespace is being deleted.
+fn namespace_terminating(status: &kube::core::Status) -> bool {
+    status.details.iter().flat_map(|details| details.causes.iter()).any(|cause| cause.reason == "NamespaceTerminating")
+}
+
 /// Writes every copy `broadcast` wants and deletes the ones it no longer wants, counting into
 /// `fan_out`. Stops at the first transient error after the writes in flight finish.
 async fn fan_out_copies(broadcast: &MessageBroadcast, context: &Context, fan_out: &mut FanOut) -> Result<()> {
@@ -171,9 +176,17 @@ async fn fan_out_copies(broadcast: &MessageBroadcast, context: &Context, fan_out
         .buffer_unordered(WRITE_PARALLELISM)
         .collect()
         .await;
+    // In namespace order, so the error reported (the first) is the same on every attempt.
+    let mut outcomes = outcomes;
+    outcomes.sort_by(|a, b| a.0.cmp(&b.0));
     let mut first_error = None;
     for (namespace, outcome) in outcomes {
         match outcome {
+            // The namespace began terminating after the cache last saw it Active: it no longer
+            // takes a copy, which is not a failure of the broadcast.
+            Err(Error::Kube(kube::Error::Api(status))) if namespace_terminating(&status) => {
+                fan_out.matched = fan_out.matched.saturating_sub(1);
+            }
             Ok(write) => {
                 fan_out.ready += 1;
                 match write {
@@ -347,5 +360,20 @@ mod tests {
         assert!(status.conditions[0].message.ends_with("namespaces: b"));
         let synced = desired_status(&broadcast(&[]), &FanOut { matched: 2, ready: 2, ..FanOut::default() }, None);
         assert_eq!(synced.conditions[0].status, ConditionStatus::True);
+    }
+
+    #[test]
+    fn a_write_refused_because_the_namespace_terminates_is_recognised() -> Result<()> {
+        let refused: kube::core::Status = serde_json::from_value(serde_json::json!({
+            "code": 403,
+            "reason": "Forbidden",
+            "message": "configmaps \"x\" is forbidden: unable to create new content in namespace gone because it is being terminated",
+            "details": {"name": "x", "kind": "configmaps", "causes": [{"reason": "NamespaceTerminating", "message": "namespace gone is being terminated", "field": "metadata.namespace"}]},
+        }))?;
+        assert!(namespace_terminating(&refused));
+        let forbidden: kube::core::Status =
+            serde_json::from_value(serde_json::json!({"code": 403, "reason": "Forbidden", "message": "rbac"}))?;
+        assert!(!namespace_terminating(&forbidden));
+        Ok(())
     }
 }
