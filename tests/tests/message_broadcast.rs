@@ -207,3 +207,88 @@ async fn a_foreign_config_map_is_reported_as_a_conflict_and_left_alone() -> Resu
     free.delete().await?;
     taken.delete().await
 }
+
+/// The broadcast's Ready condition, for its current generation.
+async fn wait_for_ready_reason(client: &Client, name: &str, reason: &str) -> Result<String> {
+    let api: Api<MessageBroadcast> = Api::all(client.clone());
+    eventually(CONVERGE, &format!("broadcast {name} to report {reason}"), || async {
+        let broadcast = api.get(name).await?;
+        let status = broadcast.status.clone().unwrap_or_default();
+        let current = status.observed_generation == broadcast.metadata.generation;
+        let condition = status.conditions.into_iter().find(|c| c.type_ == "Ready" && c.reason == reason);
+        Ok(condition.filter(|_| current).map(|c| c.message))
+    })
+    .await
+}
+
+#[tokio::test]
+async fn selector_and_name_changes_move_the_copies_and_bad_or_competing_broadcasts_say_why() -> Result<()> {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let cluster = TestCluster::get()?;
+    let client = cluster.admin_client().await?;
+    install_crds(&client).await?;
+    let key = "e2e.example.com/team";
+    let (red, blue) = (unique("red"), unique("blue"));
+    let in_red = TestNamespace::create(&client, "mb-red").await?;
+    let in_blue = TestNamespace::create(&client, "mb-blue").await?;
+    label_namespace(&client, &in_red.name, key, Some(&red)).await?;
+    label_namespace(&client, &in_blue.name, key, Some(&blue)).await?;
+    let controllers = start_broadcast_controller(&cluster).await?;
+    let api: Api<MessageBroadcast> = Api::all(client.clone());
+
+    // A selector change moves the copy from red to blue.
+    let name = unique("moving");
+    create_broadcast(&client, &name, selector(key, &red), &name).await?;
+    wait_for_counts(&client, &name, 1, 1).await?;
+    let change = json!({"spec": {"namespaceSelector": {"matchLabels": {key: &blue}}}});
+    api.patch(&name, &PatchParams::default(), &Patch::Merge(change)).await?;
+    wait_for_counts(&client, &name, 1, 1).await?;
+    eventually(CONVERGE, "the copy to move to the blue namespace", || async {
+        let holders = namespaces_with_copy(&client, &name).await?;
+        Ok((holders == BTreeSet::from([in_blue.name.clone()])).then_some(()))
+    })
+    .await?;
+
+    // A configMapName change replaces the copy under the new name.
+    let renamed = format!("{name}-renamed");
+    let change = json!({"spec": {"configMapName": &renamed}});
+    api.patch(&name, &PatchParams::default(), &Patch::Merge(change)).await?;
+    eventually(CONVERGE, "the copy to be renamed", || async {
+        let old = namespaces_with_copy(&client, &name).await?;
+        let new = namespaces_with_copy(&client, &renamed).await?;
+        Ok((old.is_empty() && new == BTreeSet::from([in_blue.name.clone()])).then_some(()))
+    })
+    .await?;
+
+    // A second broadcast wanting the same ConfigMap name in the same namespace does not take the
+    // first one's copy: it reports the conflict.
+    let rival = unique("rival");
+    create_broadcast(&client, &rival, selector(key, &blue), &renamed).await?;
+    let message = wait_for_ready_reason(&client, &rival, "ConfigMapConflict").await?;
+    ensure!(message.contains(&in_blue.name), "the conflict names the namespace: {message}");
+    let copy = Api::<ConfigMap>::namespaced(client.clone(), &in_blue.name).get(&renamed).await?;
+    ensure!(copy.owner_references().iter().any(|o| o.name == name), "the first broadcast keeps its copy");
+
+    // An invalid selector: Ready=False with the reason, and nothing copied.
+    let invalid = unique("invalid");
+    let bad = LabelSelector {
+        match_labels: None,
+        match_expressions: Some(vec![k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement {
+            key: key.to_owned(),
+            operator: "Resembles".to_owned(),
+            values: Some(vec![red.clone()]),
+        }]),
+    };
+    create_broadcast(&client, &invalid, bad, &invalid).await?;
+    let message = wait_for_ready_reason(&client, &invalid, "InvalidSelector").await?;
+    ensure!(message.contains("Resembles"), "the message says what is wrong: {message}");
+    ensure!(namespaces_with_copy(&client, &invalid).await?.is_empty());
+
+    for broadcast in [&rival, &invalid] {
+        api.delete(broadcast, &DeleteParams::default()).await?;
+    }
+    delete_and_wait_for_copies_to_go(&client, &name).await?;
+    controllers.stop().await?;
+    in_red.delete().await?;
+    in_blue.delete().await
+}
