@@ -54,6 +54,7 @@ where
         reconcile_timeout: Duration,
     ) -> Self {
         let reporter = Reporter { controller: MANAGER.to_owned(), instance };
+        metrics.initialize_controller(controller);
         Self {
             controller,
             recorder: Recorder::new(client.clone(), reporter),
@@ -148,6 +149,13 @@ where
             )
             .map_err(kube::Error::BuildRequest)?;
         Ok(Some(self.client.request::<K>(request).await?))
+    }
+
+    /// Counts a reconcile that ended in an error retrying cannot fix (reported in status instead;
+    /// controller-runtime's terminal errors).
+    pub fn terminal(&self, error: &Error) {
+        self.metrics.terminal_reconcile_errors_total.with_label_values(&[self.controller]).inc();
+        self.metrics.reconcile_errors_by_reason.with_label_values(&[self.controller, error.metric_label()]).inc();
     }
 
     /// Says why `object` is not Ready with a Warning event, when its Ready condition is False.

@@ -133,7 +133,10 @@ async fn reconcile_inner(broadcast: &MessageBroadcast, context: &Context) -> Res
             context.base.update_status(broadcast, broadcast.status.as_ref(), &status).await?;
             return Err(error);
         }
-        Err(error) => Some(error),
+        Err(error) => {
+            context.base.terminal(&error);
+            Some(error)
+        }
     };
     let base = &context.base;
     if fan_out.created + fan_out.updated + fan_out.deleted > 0 {

@@ -49,6 +49,9 @@ pub struct Metrics {
     pub workqueue_longest_running_processor_seconds: GaugeVec,
     /// `controller_runtime_reconcile_panics_total{controller}`: reconciles that panicked.
     pub reconcile_panics_total: IntCounterVec,
+    /// `controller_runtime_terminal_reconcile_errors_total{controller}`: reconciles that ended in
+    /// an error retrying cannot fix (reported in status, not retried with backoff).
+    pub terminal_reconcile_errors_total: IntCounterVec,
     /// `rest_client_requests_total{code,method,host}`.
     pub rest_client_requests_total: IntCounterVec,
     /// `example_operator_reconcile_errors_by_reason_total{controller,reason}`.
@@ -78,9 +81,11 @@ impl Metrics {
                 "controller_runtime_reconcile_time_seconds",
                 "Length of time per reconciliation per controller",
             )
+            // controller-runtime's buckets, so its dashboards' quantiles read the same.
             .buckets(vec![
-                0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.25, 1.5,
-                1.75, 2.0, 2.5, 3.0, 4.0, 5.0, 10.0, 15.0, 30.0, 60.0,
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0,
+                1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 15.0, 20.0, 25.0, 30.0,
+                40.0, 50.0, 60.0,
             ]),
             &["controller"],
         )?;
@@ -119,6 +124,11 @@ impl Metrics {
             workqueue_longest_running_processor_seconds: float_gauge(
                 "workqueue_longest_running_processor_seconds",
                 "How many seconds has the longest running processor for workqueue been running.",
+            )?,
+            terminal_reconcile_errors_total: counter(
+                "controller_runtime_terminal_reconcile_errors_total",
+                "Total number of terminal reconciliation errors per controller",
+                &["controller"],
             )?,
             reconcile_panics_total: counter(
                 "controller_runtime_reconcile_panics_total",
@@ -218,6 +228,25 @@ impl Metrics {
     /// Write requests (POST, PUT, PATCH, DELETE) counted so far.
     pub fn write_requests(&self) -> u64 {
         ["POST", "PUT", "PATCH", "DELETE"].iter().map(|m| self.requests_with_method(m)).sum()
+    }
+
+    /// Everything registered, in the Prometheus text format.
+    pub fn text(&self) -> Result<String, prometheus::Error> {
+        prometheus::TextEncoder::new().encode_to_string(&self.registry.gather())
+    }
+
+    /// Creates every per-controller series of `controller` at zero (controller-runtime does the
+    /// same), so an alert on, say, `result="error"` finds a series before the first error.
+    pub fn initialize_controller(&self, controller: &str) {
+        for result in ["success", "error", "requeue", "requeue_after"] {
+            self.reconcile_total.with_label_values(&[controller, result]);
+        }
+        self.reconcile_errors_total.with_label_values(&[controller]);
+        self.terminal_reconcile_errors_total.with_label_values(&[controller]);
+        self.reconcile_panics_total.with_label_values(&[controller]);
+        self.reconcile_time_seconds.with_label_values(&[controller]);
+        self.active_workers.with_label_values(&[controller]);
+        let _ = self.queue_metrics(controller);
     }
 
     /// The `workqueue_*` metrics of `controller`'s queue, every series present from the start.

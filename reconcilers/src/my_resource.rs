@@ -200,6 +200,7 @@ async fn reconcile_inner(resource: &MyResource, context: &Context) -> Result<Req
             return Err(error);
         }
         Err(error) => {
+            base.terminal(&error);
             let requeue = match error {
                 Error::ConfigMapConflict { .. } => Requeue::After(CONFLICT_RECHECK),
                 _ => Requeue::OnChange,

@@ -179,6 +179,16 @@ async fn a_foreign_config_map_is_never_overwritten() -> Result<()> {
     }))?;
     let foreign = f.config_maps.create(&PostParams::default(), &foreign).await?;
     let controllers = RunningControllers::start_in(&f.cluster, &f.namespace.name).await?;
+    // Every result series exists from the start, at zero (as controller-runtime does).
+    let text = controllers.metrics.text()?;
+    for series in [
+        "controller_runtime_reconcile_total{controller=\"myresource\",result=\"error\"} 0",
+        "controller_runtime_reconcile_total{controller=\"myresource\",result=\"requeue\"} 0",
+        "controller_runtime_terminal_reconcile_errors_total{controller=\"myresource\"} 0",
+        "controller_runtime_reconcile_panics_total{controller=\"myresource\"} 0",
+    ] {
+        ensure!(text.contains(series), "{series} missing:\n{text}");
+    }
     create(&f.resources, "taken", "mine").await?;
 
     let resource = wait_for_phase(&f.resources, "taken", Phase::Failed).await?;
@@ -187,6 +197,8 @@ async fn a_foreign_config_map_is_never_overwritten() -> Result<()> {
     ensure!(ready.status == ConditionStatus::False && ready.reason == "ConfigMapConflict", "{ready:?}");
     ensure!(ready.message.contains("taken-configmap") && ready.message.contains("not owned"), "{}", ready.message);
     ensure!(status.config_map_name.is_none(), "status does not claim the foreign ConfigMap");
+    let terminal = controllers.metrics.terminal_reconcile_errors_total.with_label_values(&["myresource"]).get();
+    ensure!(terminal >= 1, "the conflict is counted as a terminal error: {terminal}");
 
     let events: Api<Event> = Api::namespaced(f.client.clone(), &f.namespace.name);
     eventually(CONVERGE, "a Warning event on the MyResource", || async {
