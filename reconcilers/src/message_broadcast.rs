@@ -52,6 +52,16 @@ pub fn is_active(namespace: &Namespace) -> bool {
 
 /// The broadcast's selector, or why it cannot be evaluated.
 pub fn selector(broadcast: &MessageBroadcast) -> Result<Selector> {
+    let expressions = broadcast.spec.namespace_selector.match_expressions.iter().flatten();
+    for expression in expressions {
+        let operator = expression.operator.as_str();
+        if !["In", "NotIn", "Exists", "DoesNotExist"].contains(&operator) {
+            return Err(Error::InvalidSelector(format!(
+                "matchExpressions operator {operator:?} (key {:?}) is not one of In, NotIn, Exists, DoesNotExist",
+                expression.key
+            )));
+        }
+    }
     Selector::try_from(broadcast.spec.namespace_selector.clone()).map_err(|e| Error::InvalidSelector(e.to_string()))
 }
 
@@ -347,7 +357,7 @@ mod tests {
                 values: None,
             }]);
         let error = selector(&bad).err();
-        assert!(matches!(error, Some(Error::InvalidSelector(_))));
+        assert!(matches!(&error, Some(Error::InvalidSelector(why)) if why.contains("\"Near\"")), "{error:?}");
         let status = desired_status(&bad, &FanOut::default(), error.as_ref());
         assert_eq!(status.conditions[0].reason, "InvalidSelector");
     }

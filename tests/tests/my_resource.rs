@@ -180,7 +180,11 @@ async fn a_foreign_config_map_is_never_overwritten() -> Result<()> {
     let foreign = f.config_maps.create(&PostParams::default(), &foreign).await?;
     let controllers = RunningControllers::start_in(&f.cluster, &f.namespace.name).await?;
     // Every result series exists from the start, at zero (as controller-runtime does).
-    let text = controllers.metrics.text()?;
+    let text = eventually(CONVERGE, "the controller's metrics to be registered", || async {
+        let text = controllers.metrics.text()?;
+        Ok(text.contains("controller_runtime_reconcile_total").then_some(text))
+    })
+    .await?;
     for series in [
         "controller_runtime_reconcile_total{controller=\"myresource\",result=\"error\"} 0",
         "controller_runtime_reconcile_total{controller=\"myresource\",result=\"requeue\"} 0",
