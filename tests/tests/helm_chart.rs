@@ -49,6 +49,17 @@ async fn the_chart_lints_clean_and_every_manifest_passes_server_side_validation(
     Api::<Namespace>::all(client.clone())
         .patch(&namespace.name, &PatchParams::default(), &Patch::Merge(labels))
         .await?;
+    // Admission looks up the Pods' ServiceAccount. kube-controller-manager creates `default` in
+    // every namespace when the node runs; without it (`--no-node`), the test creates it.
+    let accounts: Api<k8s_openapi::api::core::v1::ServiceAccount> = Api::namespaced(client.clone(), &namespace.name);
+    if accounts.get_opt("default").await?.is_none() {
+        let account = serde_json::from_value(json!({"metadata": {"name": "default"}}))?;
+        match accounts.create(&PostParams::default(), &account).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(status)) if status.code == 409 => {}
+            Err(error) => return Err(error.into()),
+        }
+    }
     let rendered = succeeded(helm(
         &cluster,
         &[
@@ -195,4 +206,109 @@ async fn install_upgrade_and_uninstall_keep_the_crds_and_custom_resources() -> R
     ensure!(crds.get_opt("myresources.example.com").await?.is_some(), "the CRDs are kept");
     ensure!(resources.get_opt("survivor").await?.is_some(), "custom resources are kept");
     namespace.delete().await
+}
+
+/// `helm template` of the chart with `args`.
+fn render(cluster: &TestCluster, release: &str, args: &[&str]) -> Result<std::process::Output> {
+    let chart = chart_path();
+    let mut all = vec!["template", release, chart.as_str()];
+    all.extend_from_slice(args);
+    helm(cluster, &all)
+}
+
+#[tokio::test]
+async fn values_that_cannot_work_together_fail_with_what_to_change() -> Result<()> {
+    let cluster = TestCluster::get()?;
+    for (args, expected) in [
+        (vec!["--set", "leaderElection.enabled=false"], "leaderElection.enabled=false with replicaCount=2"),
+        (
+            vec!["--set", "leaderElection.leaseDuration=4s", "--set", "leaderElection.renewDeadline=3s"],
+            "renewDeadline (3s) + retryPeriod (2s) must be less than leaseDuration (4s)",
+        ),
+        (
+            vec!["--set", "leaderElection.renewDeadline=2s"],
+            "renewDeadline (2s) must be more than 1.2 × retryPeriod (2s)",
+        ),
+        (vec!["--set", "leaderElection.leaseDuration=1500ms"], "must be a whole number of seconds"),
+        (vec!["--set", "metrics.port=8081"], "metrics.port and probePort are both 8081"),
+    ] {
+        let output = render(&cluster, "guarded", &args)?;
+        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+        ensure!(!output.status.success() && stderr.contains(expected), "{args:?}: {stderr}");
+    }
+    // One replica without election is fine, and so are fractional deadlines and retries.
+    for args in [
+        vec!["--set", "leaderElection.enabled=false", "--set", "replicaCount=1"],
+        vec![
+            "--set",
+            "leaderElection.leaseDuration=4s",
+            "--set",
+            "leaderElection.renewDeadline=3s",
+            "--set",
+            "leaderElection.retryPeriod=500ms",
+        ],
+    ] {
+        succeeded(render(&cluster, "fine", &args)?)?;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_chart_works_as_a_subchart_with_long_names_and_values_that_need_quoting() -> Result<()> {
+    let cluster = TestCluster::get()?;
+    // A parent chart passes `global`.
+    succeeded(render(&cluster, "sub", &["--set", "global.imageRegistry=registry.example"])?)?;
+    // Release names up to Helm's 53 characters keep the metrics Service a valid DNS label.
+    let long = "a-release-name-of-fifty-three-characters-for-the-test";
+    ensure!(long.len() == 53);
+    let rendered = succeeded(render(&cluster, long, &[])?)?;
+    let documents: Vec<serde_yaml::Value> = rendered
+        .split("\n---")
+        .filter_map(|doc| serde_yaml::from_str::<serde_yaml::Value>(doc).ok())
+        .filter(|doc| !doc.is_null())
+        .collect();
+    let service = documents.iter().find(|d| d["kind"] == "Service").context("a Service")?;
+    let name = service["metadata"]["name"].as_str().context("its name")?;
+    ensure!(name.len() <= 63 && name.ends_with("-metrics"), "{name} ({} characters)", name.len());
+    // A log filter with `: ` stays one argument.
+    let rendered =
+        succeeded(render(&cluster, "quoted", &["--set-string", "logging.level=example_operator=debug: x"])?)?;
+    let documents: Vec<serde_yaml::Value> =
+        rendered.split("\n---").filter_map(|doc| serde_yaml::from_str::<serde_yaml::Value>(doc).ok()).collect();
+    let deployment = documents.iter().find(|d| d["kind"] == "Deployment").context("a Deployment")?;
+    let args = &deployment["spec"]["template"]["spec"]["containers"][0]["args"];
+    let args: Vec<String> = serde_yaml::from_value(args.clone())?;
+    ensure!(args.contains(&"--log-level=example_operator=debug: x".to_owned()), "{args:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn notes_paste_cleanly_and_say_only_what_applies() -> Result<()> {
+    let cluster = TestCluster::get()?;
+    let notes = |args: &[&str]| -> Result<String> {
+        let chart = chart_path();
+        let mut all = vec![
+            "install",
+            "notes",
+            chart.as_str(),
+            "--dry-run=client",
+            "--namespace",
+            "notes",
+            "--set",
+            "crds.install=false",
+        ];
+        all.extend_from_slice(args);
+        let output = succeeded(helm(&cluster, &all)?)?;
+        Ok(output.split("NOTES:").nth(1).unwrap_or_default().to_owned())
+    };
+    let default = notes(&[])?;
+    // The heredoc's closing delimiter starts its line, so the pasted block ends.
+    ensure!(default.contains("<<'YAML'\n") && default.contains("\nYAML\n"), "{default}");
+    ensure!(default.contains("not published\nin any registry"), "the default image is explained: {default}");
+    ensure!(default.contains("kubectl get lease"), "{default}");
+    let single = notes(&["--set", "leaderElection.enabled=false", "--set", "replicaCount=1"])?;
+    ensure!(!single.to_lowercase().contains("lease"), "no Lease without leader election: {single}");
+    let built = notes(&["--set", "image.repository=registry.example/example-operator"])?;
+    ensure!(!built.contains("not published"), "{built}");
+    Ok(())
 }

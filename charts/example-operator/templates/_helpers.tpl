@@ -40,3 +40,44 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- define "example-operator.leaseName" -}}
 {{- default (printf "%s-leader" (include "example-operator.fullname" .)) .Values.leaderElection.leaseName }}
 {{- end }}
+
+{{/* The metrics Service: a DNS label, so at most 63 characters with its suffix. */}}
+{{- define "example-operator.metricsServiceName" -}}
+{{- printf "%s-metrics" (include "example-operator.fullname" . | trunc 55 | trimSuffix "-") }}
+{{- end }}
+
+{{/* A duration of the form the schema allows (1m30s, 500ms) in milliseconds. */}}
+{{- define "example-operator.millis" -}}
+{{- $total := 0 }}
+{{- range $part := regexFindAll "[0-9]+(ms|h|m|s)" . -1 }}
+{{- $number := regexFind "^[0-9]+" $part | atoi }}
+{{- $unit := trimPrefix (regexFind "^[0-9]+" $part) $part }}
+{{- $scale := get (dict "ms" 1 "s" 1000 "m" 60000 "h" 3600000) $unit }}
+{{- $total = add $total (mul $number $scale) }}
+{{- end }}
+{{- $total }}
+{{- end }}
+
+{{/* Fails the install with a clear message when the values cannot work together. */}}
+{{- define "example-operator.validate" -}}
+{{- if and (not .Values.leaderElection.enabled) (gt (int .Values.replicaCount) 1) }}
+{{- fail (printf "leaderElection.enabled=false with replicaCount=%v: every replica would reconcile at once; use one replica or enable leader election" .Values.replicaCount) }}
+{{- end }}
+{{- if .Values.leaderElection.enabled }}
+{{- $lease := include "example-operator.millis" .Values.leaderElection.leaseDuration | atoi }}
+{{- $deadline := include "example-operator.millis" .Values.leaderElection.renewDeadline | atoi }}
+{{- $retry := include "example-operator.millis" .Values.leaderElection.retryPeriod | atoi }}
+{{- if or (lt $lease 1000) (ne (mod $lease 1000) 0) }}
+{{- fail (printf "leaderElection.leaseDuration=%s must be a whole number of seconds, at least 1s (the Lease stores seconds)" .Values.leaderElection.leaseDuration) }}
+{{- end }}
+{{- if ge (add $deadline $retry) $lease }}
+{{- fail (printf "leaderElection: renewDeadline (%s) + retryPeriod (%s) must be less than leaseDuration (%s), so a leader that cannot renew stops before another may take over" .Values.leaderElection.renewDeadline .Values.leaderElection.retryPeriod .Values.leaderElection.leaseDuration) }}
+{{- end }}
+{{- if le (mul $deadline 10) (mul $retry 12) }}
+{{- fail (printf "leaderElection: renewDeadline (%s) must be more than 1.2 × retryPeriod (%s)" .Values.leaderElection.renewDeadline .Values.leaderElection.retryPeriod) }}
+{{- end }}
+{{- end }}
+{{- if eq (int .Values.metrics.port) (int .Values.probePort) }}
+{{- fail (printf "metrics.port and probePort are both %v: the container cannot declare one port twice; choose two ports" .Values.probePort) }}
+{{- end }}
+{{- end }}
