@@ -3,13 +3,14 @@
 //! removes copies from namespaces that stop matching, and never overwrites a ConfigMap it does not
 //! own (those namespaces are reported as conflicts in status).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
 use crd_types::{ConditionStatus, MessageBroadcast, MessageBroadcastStatus};
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
+use kube::api::Api;
 use kube::core::{Selector, SelectorExt};
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::{ObjectRef, Store};
@@ -42,6 +43,35 @@ pub struct Context {
     pub base: Arc<ControllerContext<MessageBroadcast>>,
     pub config_maps: Store<ConfigMap>,
     pub namespaces: Store<Namespace>,
+    pub broadcasts: Store<MessageBroadcast>,
+    /// Where each broadcast (by uid) is known to have a copy: (namespace, name).
+    pub known: KnownCopies,
+}
+
+/// The copies this controller wrote or saw, per broadcast uid. The ConfigMap cache holds only
+/// labelled copies: one whose label was removed drops out of it, and without this record a copy
+/// in a namespace that also stopped matching would never be found again.
+#[derive(Debug, Default)]
+pub struct KnownCopies(std::sync::Mutex<HashMap<String, BTreeSet<(String, String)>>>);
+
+impl KnownCopies {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, BTreeSet<(String, String)>>> {
+        self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn of(&self, uid: &str) -> BTreeSet<(String, String)> {
+        self.lock().get(uid).cloned().unwrap_or_default()
+    }
+
+    fn set(&self, uid: &str, copies: BTreeSet<(String, String)>, live: &Store<MessageBroadcast>) {
+        let mut known = self.lock();
+        known.insert(uid.to_owned(), copies);
+        // Broadcasts that are gone take their record with them.
+        if known.len() > live.len() + 16 {
+            let uids: BTreeSet<String> = live.state().iter().filter_map(|b| b.uid()).collect();
+            known.retain(|uid, _| uids.contains(uid));
+        }
+    }
 }
 
 /// True for namespaces that may receive a copy: Active ones (not Terminating).
@@ -193,6 +223,7 @@ async fn fan_out_copies(broadcast: &MessageBroadcast, context: &Context, fan_out
     let mut outcomes = outcomes;
     outcomes.sort_by(|a, b| a.0.cmp(&b.0));
     let mut first_error = None;
+    let mut written = Vec::new();
     for (namespace, outcome) in outcomes {
         match outcome {
             // The namespace began terminating after the cache last saw it Active: it no longer
@@ -201,6 +232,7 @@ async fn fan_out_copies(broadcast: &MessageBroadcast, context: &Context, fan_out
                 fan_out.matched = fan_out.matched.saturating_sub(1);
             }
             Ok(write) => {
+                written.push(namespace.clone());
                 fan_out.ready += 1;
                 match write {
                     WriteOutcome::Created => fan_out.created += 1,
@@ -229,6 +261,34 @@ async fn fan_out_copies(broadcast: &MessageBroadcast, context: &Context, fan_out
                 .is_some_and(|ns| is_active(&ns))
         })
         .collect();
+    // Copies known from earlier reconciles that are no longer wanted and are not in the cache
+    // (their label was removed): read each; delete it if it is still ours.
+    let cached: BTreeSet<(String, String)> = cache
+        .state()
+        .iter()
+        .filter(|cm| controller_uid(&cm.metadata) == Some(uid.as_str()))
+        .map(|cm| (cm.namespace().unwrap_or_default(), cm.name_any()))
+        .collect();
+    let unwanted = |(namespace, copy): &(String, String)| !wanted.contains(namespace) || *copy != name;
+    let lost: Vec<(String, String)> =
+        context.known.of(&uid).into_iter().filter(|known| unwanted(known) && !cached.contains(known)).collect();
+    let found = futures::stream::iter(lost)
+        .map(|(namespace, copy)| async move {
+            let api: Api<ConfigMap> = Api::namespaced(client.clone(), &namespace);
+            api.get_opt(&copy).await
+        })
+        .buffer_unordered(WRITE_PARALLELISM)
+        .try_collect::<Vec<Option<ConfigMap>>>()
+        .await;
+    let mut stale: Vec<Arc<ConfigMap>> = stale;
+    match found {
+        Ok(found) => stale.extend(
+            found.into_iter().flatten().filter(|cm| controller_uid(&cm.metadata) == Some(uid.as_str())).map(Arc::new),
+        ),
+        Err(error) => {
+            first_error.get_or_insert(error.into());
+        }
+    }
     let deleted = futures::stream::iter(stale)
         .map(|cm| async move { owned_config_map::delete(client, &cm).await })
         .buffer_unordered(WRITE_PARALLELISM)
@@ -240,6 +300,14 @@ async fn fan_out_copies(broadcast: &MessageBroadcast, context: &Context, fan_out
             first_error.get_or_insert(error);
         }
     }
+    // What is known from now on: the copies written or present, where they are wanted.
+    let mut known: BTreeSet<(String, String)> = cached.into_iter().filter(|c| !unwanted(c)).collect();
+    known.extend(written.into_iter().map(|namespace| (namespace, name.clone())));
+    if first_error.is_some() {
+        // A failed read or delete is tried again on the retry.
+        known.extend(context.known.of(&uid).into_iter().filter(unwanted));
+    }
+    context.known.set(&uid, known, &context.broadcasts);
     first_error.map_or(Ok(()), Err)
 }
 
@@ -284,6 +352,8 @@ fn build(caches: &mut CacheSet, env: &ControllerEnv) -> Built {
         base: env.context(CONTROLLER),
         config_maps: config_maps.store(),
         namespaces: namespaces.store(),
+        broadcasts: broadcasts.store(),
+        known: KnownCopies::default(),
     });
     let (broadcast_store, config_map_store) = (broadcasts.store(), config_maps.store());
     Controller::new(context.clone(), context.base.clone(), &broadcasts)

@@ -292,3 +292,45 @@ async fn selector_and_name_changes_move_the_copies_and_bad_or_competing_broadcas
     in_red.delete().await?;
     in_blue.delete().await
 }
+
+#[tokio::test]
+async fn a_copy_that_lost_its_label_is_deleted_when_its_namespace_stops_matching() -> Result<()> {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let cluster = TestCluster::get()?;
+    let client = cluster.admin_client().await?;
+    install_crds(&client).await?;
+    let key = "e2e.example.com/unlabelled";
+    let audience = unique("gone");
+    let home = TestNamespace::create(&client, "mb-lost").await?;
+    label_namespace(&client, &home.name, key, Some(&audience)).await?;
+    // The operator reaches the API server through a proxy the test can cut; its Lease does not.
+    let proxy = e2e_tests::fault_proxy::FaultProxy::start(cluster.api_server_address().await?).await?;
+    let via_proxy = cluster.admin_kubeconfig_via(proxy.port)?;
+    let election = cluster.admin_kubeconfig.display().to_string();
+    let args = ["--controllers", "messagebroadcast", "--leader-elect=false", "--leader-election-kubeconfig", &election];
+    let operator =
+        e2e_tests::OperatorProcess::spawn_cluster_wide(&via_proxy, "mb-lost", "mb-lost", &home.name, &args, &[])?;
+
+    let name = unique("lost");
+    create_broadcast(&client, &name, selector(key, &audience), &name).await?;
+    wait_for_counts(&client, &name, 1, 1).await.map_err(|e| e.context(operator.log_text()))?;
+
+    // While the operator is cut off, the copy loses its managed-by label (so it drops out of the
+    // operator's cache) and its namespace stops matching.
+    proxy.set(e2e_tests::fault_proxy::Fault::Reset);
+    let copies: Api<ConfigMap> = Api::namespaced(client.clone(), &home.name);
+    let unlabel = json!({"metadata": {"labels": {"app.kubernetes.io/managed-by": null}}});
+    copies.patch(&name, &PatchParams::default(), &Patch::Merge(unlabel)).await?;
+    label_namespace(&client, &home.name, key, None).await?;
+    proxy.set(e2e_tests::fault_proxy::Fault::None);
+
+    eventually(CONVERGE, "the unlabelled copy to be deleted", || async {
+        Ok(copies.get_opt(&name).await?.is_none().then_some(()))
+    })
+    .await
+    .map_err(|e| e.context(operator.log_text()))?;
+    wait_for_counts(&client, &name, 0, 0).await?;
+    Api::<MessageBroadcast>::all(client.clone()).delete(&name, &DeleteParams::default()).await?;
+    drop(operator);
+    home.delete().await
+}
