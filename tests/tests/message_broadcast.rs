@@ -293,6 +293,41 @@ async fn selector_and_name_changes_move_the_copies_and_bad_or_competing_broadcas
     in_blue.delete().await
 }
 
+/// An admission policy that denies deleting ConfigMaps labelled `e2e.example.com/hold=<hold>`
+/// in `namespace`: it holds a copy in place while the test changes the world around it.
+fn hold_policy(name: &str, namespace: &str, hold: &str) -> String {
+    format!(
+        r#"apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingAdmissionPolicy
+metadata:
+  name: {name}
+spec:
+  failurePolicy: Fail
+  matchConstraints:
+    resourceRules:
+      - apiGroups: [""]
+        apiVersions: ["v1"]
+        operations: ["DELETE"]
+        resources: ["configmaps"]
+  validations:
+    - expression: "!has(oldObject.metadata.labels) || !('e2e.example.com/hold' in oldObject.metadata.labels) || oldObject.metadata.labels['e2e.example.com/hold'] != '{hold}'"
+      message: held by the test
+---
+apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingAdmissionPolicyBinding
+metadata:
+  name: {name}
+spec:
+  policyName: {name}
+  validationActions: [Deny]
+  matchResources:
+    namespaceSelector:
+      matchLabels:
+        kubernetes.io/metadata.name: {namespace}
+"#
+    )
+}
+
 #[tokio::test]
 async fn a_copy_that_lost_its_label_is_deleted_when_its_namespace_stops_matching() -> Result<()> {
     let _serial = ONE_AT_A_TIME.lock().await;
@@ -303,34 +338,44 @@ async fn a_copy_that_lost_its_label_is_deleted_when_its_namespace_stops_matching
     let audience = unique("gone");
     let home = TestNamespace::create(&client, "mb-lost").await?;
     label_namespace(&client, &home.name, key, Some(&audience)).await?;
-    // The operator reaches the API server through a proxy the test can cut; its Lease does not.
-    let proxy = e2e_tests::fault_proxy::FaultProxy::start(cluster.api_server_address().await?).await?;
-    let via_proxy = cluster.admin_kubeconfig_via(proxy.port)?;
-    let election = cluster.admin_kubeconfig.display().to_string();
-    let args = ["--controllers", "messagebroadcast", "--leader-elect=false", "--leader-election-kubeconfig", &election];
-    let operator =
-        e2e_tests::OperatorProcess::spawn_cluster_wide(&via_proxy, "mb-lost", "mb-lost", &home.name, &args, &[])?;
-
+    let controllers = start_broadcast_controller(&cluster).await?;
     let name = unique("lost");
     create_broadcast(&client, &name, selector(key, &audience), &name).await?;
-    wait_for_counts(&client, &name, 1, 1).await.map_err(|e| e.context(operator.log_text()))?;
+    wait_for_counts(&client, &name, 1, 1).await?;
 
-    // While the operator is cut off, the copy loses its managed-by label (so it drops out of the
-    // operator's cache) and its namespace stops matching.
-    proxy.set(e2e_tests::fault_proxy::Fault::Reset);
+    // An admission policy holds the copy: the operator cannot delete it for now.
     let copies: Api<ConfigMap> = Api::namespaced(client.clone(), &home.name);
+    let hold = json!({"metadata": {"labels": {"e2e.example.com/hold": &audience}}});
+    copies.patch(&name, &PatchParams::default(), &Patch::Merge(hold.clone())).await?;
+    let decoy: ConfigMap = serde_json::from_value(json!({"metadata": {"name": "decoy"}}))?;
+    copies.create(&PostParams::default(), &decoy).await?;
+    copies.patch("decoy", &PatchParams::default(), &Patch::Merge(hold)).await?;
+    let policy = hold_policy(&name, &home.name, &audience);
+    let applied = cluster.kubectl_with_input(&["apply", "-f", "-"], Some(&policy))?;
+    ensure!(applied.status.success(), "{}", String::from_utf8_lossy(&applied.stderr));
+    let dry_run = kube::api::DeleteParams { dry_run: true, ..Default::default() };
+    eventually(CONVERGE, "the policy to hold ConfigMaps", || async {
+        Ok(copies.delete("decoy", &dry_run).await.is_err().then_some(()))
+    })
+    .await?;
+
+    // The namespace stops matching: deleting the copy is denied, and retried.
+    label_namespace(&client, &home.name, key, None).await?;
+    let message = wait_for_ready_reason(&client, &name, "Reconciling").await?;
+    ensure!(message.contains("held by the test"), "{message}");
+    // The copy loses its managed-by label (it drops out of the operator's cache); then the
+    // policy goes.
     let unlabel = json!({"metadata": {"labels": {"app.kubernetes.io/managed-by": null}}});
     copies.patch(&name, &PatchParams::default(), &Patch::Merge(unlabel)).await?;
-    label_namespace(&client, &home.name, key, None).await?;
-    proxy.set(e2e_tests::fault_proxy::Fault::None);
+    let removed = cluster.kubectl_with_input(&["delete", "-f", "-"], Some(&policy))?;
+    ensure!(removed.status.success(), "{}", String::from_utf8_lossy(&removed.stderr));
 
     eventually(CONVERGE, "the unlabelled copy to be deleted", || async {
         Ok(copies.get_opt(&name).await?.is_none().then_some(()))
     })
-    .await
-    .map_err(|e| e.context(operator.log_text()))?;
+    .await?;
     wait_for_counts(&client, &name, 0, 0).await?;
     Api::<MessageBroadcast>::all(client.clone()).delete(&name, &DeleteParams::default()).await?;
-    drop(operator);
+    controllers.stop().await?;
     home.delete().await
 }
