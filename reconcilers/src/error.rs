@@ -49,6 +49,17 @@ impl Error {
         matches!(self, Error::Kube(_) | Error::MissingField(_) | Error::Timeout(_) | Error::Panicked(_))
     }
 
+    /// The error as a condition message: what a user reads in `kubectl describe`. For an API
+    /// error that is the server's own message (the full error, with its status, goes to the log).
+    pub fn condition_message(&self) -> String {
+        match self {
+            Error::Kube(kube::Error::Api(status)) => {
+                format!("the API server answered {}: {}", status.code, status.message)
+            }
+            other => other.to_string(),
+        }
+    }
+
     /// The reason the Ready condition gives for this error.
     pub fn reason(&self) -> crate::conditions::Reason {
         use crate::conditions::Reason;

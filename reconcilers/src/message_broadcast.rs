@@ -128,7 +128,7 @@ pub fn desired_status(broadcast: &MessageBroadcast, fan_out: &FanOut, error: Opt
     let previous = broadcast.status.as_ref().map(|s| s.conditions.as_slice()).unwrap_or_default();
     let generation = broadcast.metadata.generation;
     let (status, reason, message) = match error {
-        Some(error) => (ConditionStatus::False, error.reason(), error.to_string()),
+        Some(error) => (ConditionStatus::False, error.reason(), error.condition_message()),
         None if !fan_out.conflicts.is_empty() => {
             let mut named = fan_out.conflicts.iter().take(CONFLICTS_NAMED).cloned().collect::<Vec<_>>().join(", ");
             if fan_out.conflicts.len() > CONFLICTS_NAMED {

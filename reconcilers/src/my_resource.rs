@@ -149,7 +149,7 @@ pub fn desired_status(resource: &MyResource, outcome: Result<&str, &Error>) -> M
             (
                 phase,
                 None,
-                ready_condition(previous, ConditionStatus::False, reason, error.to_string(), generation, now()),
+                ready_condition(previous, ConditionStatus::False, reason, error.condition_message(), generation, now()),
             )
         }
     };

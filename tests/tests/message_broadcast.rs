@@ -379,3 +379,100 @@ async fn a_copy_that_lost_its_label_is_deleted_when_its_namespace_stops_matching
     controllers.stop().await?;
     home.delete().await
 }
+
+/// An admission policy that denies creating ConfigMaps named `config_map` in the namespaces
+/// labelled `key=value`, with a message that names the namespace.
+fn deny_policy(name: &str, config_map: &str, key: &str, value: &str) -> String {
+    format!(
+        r#"apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingAdmissionPolicy
+metadata:
+  name: {name}
+spec:
+  failurePolicy: Fail
+  matchConstraints:
+    resourceRules:
+      - apiGroups: [""]
+        apiVersions: ["v1"]
+        operations: ["CREATE"]
+        resources: ["configmaps"]
+  validations:
+    - expression: "object.metadata.name != '{config_map}'"
+      messageExpression: "'copies refused in ' + namespaceObject.metadata.name"
+---
+apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingAdmissionPolicyBinding
+metadata:
+  name: {name}
+spec:
+  policyName: {name}
+  validationActions: [Deny]
+  matchResources:
+    namespaceSelector:
+      matchLabels:
+        {key}: "{value}"
+"#
+    )
+}
+
+#[tokio::test]
+async fn with_several_namespaces_failing_the_status_names_the_same_one_on_every_attempt() -> Result<()> {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let cluster = TestCluster::get()?;
+    let client = cluster.admin_client().await?;
+    install_crds(&client).await?;
+    let key = "e2e.example.com/refusing";
+    let audience = unique("refused");
+    let mut refusing = Vec::new();
+    for _ in 0..3 {
+        let namespace = TestNamespace::create(&client, "mb-refuse").await?;
+        label_namespace(&client, &namespace.name, key, Some(&audience)).await?;
+        refusing.push(namespace);
+    }
+    let name = unique("refused");
+    let policy = deny_policy(&name, &name, key, &audience);
+    let applied = cluster.kubectl_with_input(&["apply", "-f", "-"], Some(&policy))?;
+    ensure!(applied.status.success(), "{}", String::from_utf8_lossy(&applied.stderr));
+    let probe = Api::<ConfigMap>::namespaced(client.clone(), &refusing[0].name);
+    let dry_run = PostParams { dry_run: true, ..Default::default() };
+    let attempt: ConfigMap = serde_json::from_value(json!({"metadata": {"name": &name}}))?;
+    eventually(CONVERGE, "the policy to refuse copies", || async {
+        Ok(probe.create(&dry_run, &attempt).await.is_err().then_some(()))
+    })
+    .await?;
+
+    let controllers = start_broadcast_controller(&cluster).await?;
+    create_broadcast(&client, &name, selector(key, &audience), &name).await?;
+    let first = refusing.iter().map(|ns| ns.name.clone()).min().context("a namespace")?;
+    // Retries back off 0.5, 1, 2, 4 s: watch the condition through five attempts.
+    let api: Api<MessageBroadcast> = Api::all(client.clone());
+    let mut messages = BTreeSet::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(9);
+    while tokio::time::Instant::now() < deadline {
+        let broadcast = api.get(&name).await?;
+        let condition = broadcast.status.and_then(|s| s.conditions.into_iter().find(|c| c.type_ == "Ready"));
+        if let Some(condition) = condition {
+            messages.insert(condition.message);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let retries =
+        controllers.metrics.workqueue_retries_total.with_label_values(&["messagebroadcast", "messagebroadcast"]).get();
+    ensure!(retries >= 4, "the broadcast was retried: {retries}");
+    ensure!(messages.len() == 1, "the status flipped between namespaces: {messages:?}");
+    let message = messages.into_iter().next().unwrap_or_default();
+    ensure!(message.contains(&format!("copies refused in {first}")), "the first namespace is named: {message}");
+    ensure!(
+        message.starts_with("the API server answered 422: ") && !message.contains("Status {"),
+        "readable: {message}"
+    );
+
+    api.delete(&name, &DeleteParams::default()).await?;
+    let removed = cluster.kubectl_with_input(&["delete", "-f", "-"], Some(&policy))?;
+    ensure!(removed.status.success(), "{}", String::from_utf8_lossy(&removed.stderr));
+    controllers.stop().await?;
+    for namespace in refusing {
+        namespace.delete().await?;
+    }
+    Ok(())
+}
