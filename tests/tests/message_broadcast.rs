@@ -476,3 +476,90 @@ async fn with_several_namespaces_failing_the_status_names_the_same_one_on_every_
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn a_namespace_that_begins_terminating_while_the_cache_lags_is_not_a_failure() -> Result<()> {
+    use e2e_tests::fault_proxy::{Fault, FaultProxy};
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let cluster = TestCluster::get()?;
+    let client = cluster.admin_client().await?;
+    install_crds(&client).await?;
+    let key = "e2e.example.com/ending";
+    let audience = unique("ending");
+    let staying = TestNamespace::create(&client, "mb-stay").await?;
+    let ending = TestNamespace::create(&client, "mb-ending").await?;
+    for namespace in [&staying, &ending] {
+        label_namespace(&client, &namespace.name, key, Some(&audience)).await?;
+    }
+    // The ending namespace is held in Terminating by a finalizer the test owns.
+    let anchor: ConfigMap = serde_json::from_value(json!({
+        "metadata": {"name": "anchor", "finalizers": ["e2e.example.com/hold"]},
+    }))?;
+    let in_ending: Api<ConfigMap> = Api::namespaced(client.clone(), &ending.name);
+    in_ending.create(&PostParams::default(), &anchor).await?;
+    // Copies are refused in the ending namespace for now: the operator retries with backoff.
+    let name = unique("ending");
+    let deny = format!("{name}-deny");
+    let ending_only = "kubernetes.io/metadata.name";
+    let policy = deny_policy(&deny, &name, ending_only, &ending.name);
+    let applied = cluster.kubectl_with_input(&["apply", "-f", "-"], Some(&policy))?;
+    ensure!(applied.status.success(), "{}", String::from_utf8_lossy(&applied.stderr));
+    let dry_run = PostParams { dry_run: true, ..Default::default() };
+    let attempt: ConfigMap = serde_json::from_value(json!({"metadata": {"name": &name}}))?;
+    eventually(CONVERGE, "the policy to refuse copies", || async {
+        Ok(in_ending.create(&dry_run, &attempt).await.is_err().then_some(()))
+    })
+    .await?;
+
+    // The operator reaches the API server through a proxy the test can slow down.
+    let proxy = FaultProxy::start(cluster.api_server_address().await?).await?;
+    let via_proxy = cluster.admin_kubeconfig_via(proxy.port)?;
+    let args = ["--controllers", "messagebroadcast", "--leader-elect=false"];
+    let operator = e2e_tests::OperatorProcess::spawn_cluster_wide(&via_proxy, &name, &name, &staying.name, &args, &[])?;
+    create_broadcast(&client, &name, selector(key, &audience), &name).await?;
+    let refused =
+        wait_for_ready_reason(&client, &name, "Reconciling").await.map_err(|e| e.context(operator.log_text()))?;
+    ensure!(refused.contains("copies refused"), "{refused}");
+
+    // Everything the operator sees now arrives 6 s late: its cache still shows the namespace
+    // Active when its next retry writes there, after the namespace began terminating.
+    proxy.set(Fault::Delay(Duration::from_secs(6)));
+    Api::<Namespace>::all(client.clone()).delete(&ending.name, &DeleteParams::default()).await?;
+    let removed = cluster.kubectl_with_input(&["delete", "-f", "-"], Some(&policy))?;
+    ensure!(removed.status.success(), "{}", String::from_utf8_lossy(&removed.stderr));
+
+    let api: Api<MessageBroadcast> = Api::all(client.clone());
+    let mut messages = BTreeSet::new();
+    let settled =
+        eventually(Duration::from_secs(90), "the broadcast to be Ready with the staying namespace", || async {
+            let broadcast = api.get(&name).await?;
+            let status = broadcast.status.unwrap_or_default();
+            let ready = status.conditions.iter().any(|c| c.type_ == "Ready" && c.status == ConditionStatus::True);
+            Ok((ready && status.matched_namespaces == 1 && status.ready_namespaces == 1).then_some(status))
+        });
+    let watch = async {
+        loop {
+            if let Ok(broadcast) = api.get(&name).await {
+                for condition in broadcast.status.into_iter().flat_map(|s| s.conditions) {
+                    messages.insert(condition.message);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let settled = tokio::select! {
+        settled = settled => settled,
+        () = watch => unreachable!("the watch loop never ends"),
+    };
+    settled.map_err(|e| e.context(operator.log_text()))?;
+    let terminating: Vec<&String> = messages.iter().filter(|m| m.contains("terminated")).collect();
+    ensure!(terminating.is_empty(), "a terminating namespace was reported as a failure: {terminating:?}");
+
+    proxy.set(Fault::None);
+    api.delete(&name, &DeleteParams::default()).await?;
+    drop(operator);
+    let release = json!({"metadata": {"finalizers": null}});
+    in_ending.patch("anchor", &PatchParams::default(), &Patch::Merge(release)).await?;
+    staying.delete().await?;
+    ending.delete().await
+}
