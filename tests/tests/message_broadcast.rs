@@ -293,6 +293,13 @@ async fn selector_and_name_changes_move_the_copies_and_bad_or_competing_broadcas
     in_blue.delete().await
 }
 
+/// `kubectl apply` (or `delete`) of the admission policy `manifest`.
+fn kubectl_policy(cluster: &TestCluster, verb: &str, manifest: &str) -> Result<()> {
+    let output = cluster.kubectl_with_input(&[verb, "-f", "-"], Some(manifest))?;
+    ensure!(output.status.success(), "kubectl {verb}: {}", String::from_utf8_lossy(&output.stderr));
+    Ok(())
+}
+
 /// An admission policy that denies deleting ConfigMaps labelled `e2e.example.com/hold=<hold>`
 /// in `namespace`: it holds a copy in place while the test changes the world around it.
 fn hold_policy(name: &str, namespace: &str, hold: &str) -> String {
@@ -351,8 +358,7 @@ async fn a_copy_that_lost_its_label_is_deleted_when_its_namespace_stops_matching
     copies.create(&PostParams::default(), &decoy).await?;
     copies.patch("decoy", &PatchParams::default(), &Patch::Merge(hold)).await?;
     let policy = hold_policy(&name, &home.name, &audience);
-    let applied = cluster.kubectl_with_input(&["apply", "-f", "-"], Some(&policy))?;
-    ensure!(applied.status.success(), "{}", String::from_utf8_lossy(&applied.stderr));
+    kubectl_policy(&cluster, "apply", &policy)?;
     let dry_run = kube::api::DeleteParams { dry_run: true, ..Default::default() };
     eventually(CONVERGE, "the policy to hold ConfigMaps", || async {
         Ok(copies.delete("decoy", &dry_run).await.is_err().then_some(()))
@@ -367,8 +373,7 @@ async fn a_copy_that_lost_its_label_is_deleted_when_its_namespace_stops_matching
     // policy goes.
     let unlabel = json!({"metadata": {"labels": {"app.kubernetes.io/managed-by": null}}});
     copies.patch(&name, &PatchParams::default(), &Patch::Merge(unlabel)).await?;
-    let removed = cluster.kubectl_with_input(&["delete", "-f", "-"], Some(&policy))?;
-    ensure!(removed.status.success(), "{}", String::from_utf8_lossy(&removed.stderr));
+    kubectl_policy(&cluster, "delete", &policy)?;
 
     eventually(CONVERGE, "the unlabelled copy to be deleted", || async {
         Ok(copies.get_opt(&name).await?.is_none().then_some(()))
@@ -431,8 +436,7 @@ async fn with_several_namespaces_failing_the_status_names_the_same_one_on_every_
     }
     let name = unique("refused");
     let policy = deny_policy(&name, &name, key, &audience);
-    let applied = cluster.kubectl_with_input(&["apply", "-f", "-"], Some(&policy))?;
-    ensure!(applied.status.success(), "{}", String::from_utf8_lossy(&applied.stderr));
+    kubectl_policy(&cluster, "apply", &policy)?;
     let probe = Api::<ConfigMap>::namespaced(client.clone(), &refusing[0].name);
     let dry_run = PostParams { dry_run: true, ..Default::default() };
     let attempt: ConfigMap = serde_json::from_value(json!({"metadata": {"name": &name}}))?;
@@ -468,8 +472,7 @@ async fn with_several_namespaces_failing_the_status_names_the_same_one_on_every_
     );
 
     api.delete(&name, &DeleteParams::default()).await?;
-    let removed = cluster.kubectl_with_input(&["delete", "-f", "-"], Some(&policy))?;
-    ensure!(removed.status.success(), "{}", String::from_utf8_lossy(&removed.stderr));
+    kubectl_policy(&cluster, "delete", &policy)?;
     controllers.stop().await?;
     for namespace in refusing {
         namespace.delete().await?;
@@ -502,8 +505,7 @@ async fn a_namespace_that_begins_terminating_while_the_cache_lags_is_not_a_failu
     let deny = format!("{name}-deny");
     let ending_only = "kubernetes.io/metadata.name";
     let policy = deny_policy(&deny, &name, ending_only, &ending.name);
-    let applied = cluster.kubectl_with_input(&["apply", "-f", "-"], Some(&policy))?;
-    ensure!(applied.status.success(), "{}", String::from_utf8_lossy(&applied.stderr));
+    kubectl_policy(&cluster, "apply", &policy)?;
     let dry_run = PostParams { dry_run: true, ..Default::default() };
     let attempt: ConfigMap = serde_json::from_value(json!({"metadata": {"name": &name}}))?;
     eventually(CONVERGE, "the policy to refuse copies", || async {
@@ -525,8 +527,7 @@ async fn a_namespace_that_begins_terminating_while_the_cache_lags_is_not_a_failu
     // Active when its next retry writes there, after the namespace began terminating.
     proxy.set(Fault::Delay(Duration::from_secs(6)));
     Api::<Namespace>::all(client.clone()).delete(&ending.name, &DeleteParams::default()).await?;
-    let removed = cluster.kubectl_with_input(&["delete", "-f", "-"], Some(&policy))?;
-    ensure!(removed.status.success(), "{}", String::from_utf8_lossy(&removed.stderr));
+    kubectl_policy(&cluster, "delete", &policy)?;
 
     let api: Api<MessageBroadcast> = Api::all(client.clone());
     let mut messages = BTreeSet::new();

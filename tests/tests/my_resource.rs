@@ -411,6 +411,14 @@ async fn held(f: &Fixture, name: &str) -> Result<()> {
     Ok(())
 }
 
+/// Waits until MyResource `name` is gone.
+async fn wait_gone(f: &Fixture, name: &str) -> Result<()> {
+    eventually(CONVERGE, &format!("MyResource {name} to go"), || async {
+        Ok(f.resources.get_opt(name).await?.is_none().then_some(()))
+    })
+    .await
+}
+
 async fn release(f: &Fixture, name: &str) -> Result<()> {
     let patch = json!({"metadata": {"finalizers": null}});
     f.resources.patch(name, &PatchParams::default(), &Patch::Merge(patch)).await?;
@@ -435,10 +443,7 @@ async fn a_resource_in_foreground_deletion_is_not_reconciled_and_its_config_map_
     ensure!(created_events(&f, "fg").await? == 1, "one ConfigMapCreated event, for the first creation");
     ensure!(f.resources.get_opt("fg").await?.is_some_and(|r| r.metadata.deletion_timestamp.is_some()));
     release(&f, "fg").await?;
-    eventually(CONVERGE, "the MyResource to go", || async {
-        Ok(f.resources.get_opt("fg").await?.is_none().then_some(()))
-    })
-    .await?;
+    wait_gone(&f, "fg").await?;
     controllers.stop().await
 }
 
@@ -469,10 +474,7 @@ async fn orphan_deletion_leaves_the_config_map_without_a_false_conflict_or_its_r
     let phase = resource.status.and_then(|s| s.phase);
     ensure!(phase == Some(Phase::Ready), "no false ConfigMapConflict while it is deleted: {phase:?}");
     release(&f, "orphan").await?;
-    eventually(CONVERGE, "the MyResource to go", || async {
-        Ok(f.resources.get_opt("orphan").await?.is_none().then_some(()))
-    })
-    .await?;
+    wait_gone(&f, "orphan").await?;
     ensure!(f.config_maps.get_opt("orphan-configmap").await?.is_some(), "the orphaned ConfigMap stays");
     controllers.stop().await
 }
