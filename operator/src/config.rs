@@ -100,6 +100,17 @@ pub struct Cli {
     #[arg(long, env = "HEALTH_PROBE_BIND_ADDRESS", default_value = ":8081")]
     pub health_probe_bind_address: String,
 
+    /// Serve /metrics over HTTPS to callers whose bearer token the API server authenticates
+    /// (TokenReview) and authorizes for `get` on the `/metrics` URL (SubjectAccessReview).
+    /// Probes stay open, even on a shared port.
+    #[arg(long, env = "METRICS_SECURE", default_value_t = false, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub metrics_secure: bool,
+
+    /// Folder holding the metrics server's `tls.crt` and `tls.key` (a mounted kubernetes.io/tls
+    /// Secret); re-read when they change. Without it a self-signed certificate is made at start.
+    #[arg(long, env = "METRICS_CERT_DIR")]
+    pub metrics_cert_dir: Option<PathBuf>,
+
     /// Log format.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -174,9 +185,18 @@ pub struct Config {
     pub controllers: reconcilers::Settings,
     pub metrics_address: Option<SocketAddr>,
     pub probe_address: Option<SocketAddr>,
+    /// `Some` when /metrics is served over HTTPS with authentication and authorization.
+    pub metrics_security: Option<MetricsSecurity>,
     pub log_format: LogFormat,
     pub log_level: String,
     pub shutdown_timeout: Duration,
+}
+
+/// How secure metrics get their certificate.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MetricsSecurity {
+    /// `tls.crt` and `tls.key` in this folder; `None` makes a self-signed certificate.
+    pub cert_dir: Option<PathBuf>,
 }
 
 /// A configuration that cannot work, with the reason.
@@ -194,6 +214,9 @@ pub enum ConfigError {
     /// A timeout of zero.
     #[error("{0} must be greater than zero")]
     ZeroTimeout(&'static str),
+    /// A certificate folder for plain-HTTP metrics.
+    #[error("--metrics-cert-dir is set but --metrics-secure is not: plain-HTTP metrics use no certificate")]
+    CertWithoutSecure,
 }
 
 /// A registered controller's name.
@@ -333,6 +356,12 @@ impl Cli {
                 watch_namespace: self.watch_namespace.filter(|ns| !ns.is_empty()),
                 reconcile_timeout: self.reconcile_timeout,
                 sync_period: Some(self.sync_period).filter(|period| !period.is_zero()),
+            },
+            metrics_security: match (self.metrics_secure, self.metrics_cert_dir) {
+                (true, cert_dir) => Some(MetricsSecurity { cert_dir: cert_dir.filter(|d| !d.as_os_str().is_empty()) }),
+                (false, None) => None,
+                (false, Some(dir)) if dir.as_os_str().is_empty() => None,
+                (false, Some(_)) => return Err(ConfigError::CertWithoutSecure),
             },
             metrics_address: parse_bind_address("--metrics-bind-address", &self.metrics_bind_address)?,
             probe_address: parse_bind_address("--health-probe-bind-address", &self.health_probe_bind_address)?,

@@ -1,6 +1,7 @@
 //! The operator's HTTP endpoints over axum: `/metrics` in the Prometheus text format, and the
 //! `/healthz` and `/readyz` probes with named checks in the Kubernetes style
-//! (`[+]ping ok` lines with `?verbose`). Serves only reads; never touches the cluster.
+//! (`[+]ping ok` lines with `?verbose`), over plain HTTP or TLS. Serves only reads; the one call
+//! it makes to the cluster is to check a secure-metrics caller (`metrics_auth`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -18,6 +19,12 @@ use crate::health::{CheckResult, Health};
 /// Routes for `/metrics`.
 pub fn metrics_router(registry: Registry) -> Router {
     Router::new().route("/metrics", get(metrics)).with_state(registry)
+}
+
+/// `/metrics` for callers the API server authenticates and authorizes.
+pub fn secure_metrics_router(registry: Registry, auth: Arc<crate::metrics_auth::MetricsAuth>) -> Router {
+    metrics_router(registry)
+        .route_layer(axum::middleware::from_fn_with_state(auth, crate::metrics_auth::require_authorized))
 }
 
 /// Routes for `/healthz` and `/readyz`.
@@ -91,6 +98,62 @@ pub async fn serve(
         if let Err(error) = served {
             tracing::error!(%error, "HTTP server failed");
         }
+    }))
+}
+
+/// How long a client may take to finish the TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Binds `address` now and serves `router` over TLS until `shutdown`. Each connection is
+/// handshaken on its own task, so a slow client never holds up another (a kubelet probe).
+pub async fn serve_tls(
+    address: SocketAddr,
+    router: Router,
+    tls: rustls::ServerConfig,
+    shutdown: CancellationToken,
+) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    let listener = tokio::net::TcpListener::bind(address).await?;
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    tracing::info!(address = %listener.local_addr()?, "serving HTTPS");
+    Ok(tokio::spawn(async move {
+        let connections = tokio_util::task::TaskTracker::new();
+        loop {
+            let (stream, peer) = tokio::select! {
+                () = shutdown.cancelled() => break,
+                accepted = listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    Err(error) => {
+                        // Out of file descriptors and the like: wait instead of spinning.
+                        tracing::warn!(%error, "accepting a connection failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+            };
+            let (acceptor, router, shutdown) = (acceptor.clone(), router.clone(), shutdown.clone());
+            connections.spawn(async move {
+                let stream = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                    Ok(Ok(stream)) => stream,
+                    Ok(Err(error)) => return tracing::debug!(%peer, %error, "TLS handshake failed"),
+                    Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
+                };
+                let service = hyper_util::service::TowerToHyperService::new(router);
+                let connection = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+                tokio::pin!(connection);
+                tokio::select! {
+                    served = connection.as_mut() => if let Err(error) = served {
+                        tracing::debug!(%peer, %error, "HTTPS connection ended with an error");
+                    },
+                    () = shutdown.cancelled() => {
+                        connection.as_mut().graceful_shutdown();
+                        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), connection).await;
+                    }
+                }
+            });
+        }
+        connections.close();
+        connections.wait().await;
     }))
 }
 

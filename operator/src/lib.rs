@@ -7,6 +7,8 @@ pub mod config;
 pub mod election;
 pub mod health;
 pub mod http;
+pub mod metrics_auth;
+pub mod serving_cert;
 pub mod telemetry;
 
 use std::process::ExitCode;
@@ -61,33 +63,7 @@ pub async fn run(config: Config) -> Result<ExitCode> {
     let client = client::build(kube_config, &identity, config.api_request_timeout, &metrics)?;
 
     let stop_serving = CancellationToken::new();
-    let mut servers = Vec::new();
-    match (config.metrics_address, config.probe_address) {
-        (Some(metrics_address), Some(probe_address)) if metrics_address == probe_address => {
-            let router = http::metrics_router(registry.clone()).merge(http::probe_router(health.clone()));
-            servers.push(
-                http::serve(metrics_address, router, stop_serving.clone()).await.context("binding the HTTP address")?,
-            );
-        }
-        (metrics_address, probe_address) => {
-            if let Some(address) = metrics_address {
-                let router = http::metrics_router(registry.clone());
-                servers.push(
-                    http::serve(address, router, stop_serving.clone())
-                        .await
-                        .context("binding --metrics-bind-address")?,
-                );
-            }
-            if let Some(address) = probe_address {
-                let router = http::probe_router(health.clone());
-                servers.push(
-                    http::serve(address, router, stop_serving.clone())
-                        .await
-                        .context("binding --health-probe-bind-address")?,
-                );
-            }
-        }
-    }
+    let servers = serve_http(&config, registry.clone(), health.clone(), &client, &stop_serving).await?;
 
     let shutdown = CancellationToken::new();
     tokio::spawn({
@@ -134,6 +110,71 @@ pub async fn run(config: Config) -> Result<ExitCode> {
         let _ = server.await;
     }
     Ok(code)
+}
+
+/// Starts the metrics and probe servers the configuration asks for. Secure metrics are HTTPS with
+/// token authentication; probes sharing their port are served over the same TLS but need no token.
+async fn serve_http(
+    config: &Config,
+    registry: prometheus::Registry,
+    health: Arc<Health>,
+    client: &kube::Client,
+    stop_serving: &CancellationToken,
+) -> Result<Vec<tokio::task::JoinHandle<()>>> {
+    let tls = match &config.metrics_security {
+        None => None,
+        Some(security) => {
+            let cert = match &security.cert_dir {
+                Some(dir) => serving_cert::ServingCert::from_dir(dir).context("loading --metrics-cert-dir")?,
+                None => {
+                    let mut names = vec!["localhost".to_owned()];
+                    names.extend(std::env::var("POD_NAME").ok().filter(|name| !name.is_empty()));
+                    serving_cert::ServingCert::self_signed(names)?
+                }
+            };
+            let cert = Arc::new(cert);
+            cert.clone().keep_fresh(serving_cert::RELOAD_INTERVAL, stop_serving.clone());
+            Some(cert.server_config()?)
+        }
+    };
+    let metrics_router = || match &tls {
+        None => http::metrics_router(registry.clone()),
+        Some(_) => {
+            let auth = Arc::new(metrics_auth::MetricsAuth::new(client.clone()));
+            http::secure_metrics_router(registry.clone(), auth)
+        }
+    };
+    let serve_metrics = |address, router, flag: &'static str| {
+        let (tls, stop) = (tls.clone(), stop_serving.clone());
+        async move {
+            match tls {
+                Some(tls) => http::serve_tls(address, router, tls, stop).await,
+                None => http::serve(address, router, stop).await,
+            }
+            .context(flag)
+        }
+    };
+    let mut servers = Vec::new();
+    match (config.metrics_address, config.probe_address) {
+        (Some(metrics_address), Some(probe_address)) if metrics_address == probe_address => {
+            let router = metrics_router().merge(http::probe_router(health));
+            servers.push(serve_metrics(metrics_address, router, "binding the HTTP address").await?);
+        }
+        (metrics_address, probe_address) => {
+            if let Some(address) = metrics_address {
+                servers.push(serve_metrics(address, metrics_router(), "binding --metrics-bind-address").await?);
+            }
+            if let Some(address) = probe_address {
+                let router = http::probe_router(health);
+                servers.push(
+                    http::serve(address, router, stop_serving.clone())
+                        .await
+                        .context("binding --health-probe-bind-address")?,
+                );
+            }
+        }
+    }
+    Ok(servers)
 }
 
 /// How one term of leadership ended.
