@@ -46,6 +46,31 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- printf "%s-metrics" (include "example-operator.fullname" . | trunc 55 | trimSuffix "-") }}
 {{- end }}
 
+{{/* `<fullname><suffix>` within 63 characters: the full name is cut to make room for the suffix. */}}
+{{- define "example-operator.suffixedName" -}}
+{{- $fullname := include "example-operator.fullname" .context }}
+{{- printf "%s%s" ($fullname | trunc (sub 63 (len .suffix) | int) | trimSuffix "-") .suffix }}
+{{- end }}
+
+{{/* The image: `[global.imageRegistry/]repository`, then `@digest` when set (it wins over the tag), else `:tag`. */}}
+{{- define "example-operator.image" -}}
+{{- $registry := (.Values.global | default dict).imageRegistry | default "" | trimSuffix "/" }}
+{{- $repository := .Values.image.repository }}
+{{- if $registry }}
+{{- $repository = printf "%s/%s" $registry $repository }}
+{{- end }}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" $repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" $repository (.Values.image.tag | default .Chart.AppVersion) }}
+{{- end }}
+{{- end }}
+
+{{/* Whether the messagebroadcast controller runs. */}}
+{{- define "example-operator.broadcasts" -}}
+{{- if has "messagebroadcast" .Values.controllers.enabled }}true{{ end }}
+{{- end }}
+
 {{/* A duration of the form the schema allows (1m30s, 500ms) in milliseconds. */}}
 {{- define "example-operator.millis" -}}
 {{- $total := 0 }}
