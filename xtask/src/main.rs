@@ -1,12 +1,14 @@
 //! `cargo xtask`: the project's developer commands.
 //!
 //! - `crdgen [--check]`: CRD YAML from the Rust types.
+//! - `chart-docs [--check]`: the chart's README from Chart.yaml and values.yaml.
 //! - `cluster up | down | status | env`: the local control plane of real Kubernetes binaries.
 //! - `demo`: the main job: control plane, CRDs, operator, samples.
 //! - `bench`: the benchmarks, as ratios measured in one run.
 //! - `test`: every test, end-to-end ones included, against that control plane.
 
 mod bench;
+mod chart_docs;
 mod cluster;
 mod crdgen;
 mod demo;
@@ -32,6 +34,12 @@ enum Command {
     /// Write the CRD YAML generated from crd-types into the chart.
     Crdgen {
         /// Do not write; fail when the committed YAML differs from what the types generate.
+        #[arg(long)]
+        check: bool,
+    },
+    /// Write the chart's README from Chart.yaml and the `# --` comments of values.yaml.
+    ChartDocs {
+        /// Do not write; fail when the committed README differs from what the chart generates.
         #[arg(long)]
         check: bool,
     },
@@ -78,7 +86,8 @@ enum Command {
 
 #[derive(Subcommand)]
 enum ClusterAction {
-    /// Build the binaries if needed and start the control plane and its node (no-op when
+    /// Build the binaries if needed and start the control plane and its node; install the
+    /// Prometheus Operator's ServiceMonitor and PrometheusRule CRDs (all that is done when
     /// already running).
     Up {
         /// Skip the node (containerd, kubelet, kube-proxy, kube-scheduler): a control plane only,
@@ -143,6 +152,7 @@ fn main() -> Result<()> {
     let root = workspace_root()?;
     match cli.command {
         Command::Crdgen { check } => crdgen::run(&root, check),
+        Command::ChartDocs { check } => chart_docs::run(&root, check),
         Command::Cluster { action } => match action {
             ClusterAction::Up { no_node } => {
                 let (state, started) = cluster::up(&root, !no_node)?;
