@@ -43,6 +43,13 @@ const PEER: GoModule = GoModule {
 const HELM: GoModule =
     GoModule { dir: "helm", pinned: "helm.sh/helm/v3", binaries: &[("helm", "helm.sh/helm/v3/cmd/helm")] };
 
+/// controller-gen, which writes the Prometheus Operator's CRDs from its Go types (`monitoring.rs`).
+const CONTROLLER_GEN: GoModule = GoModule {
+    dir: "monitoring",
+    pinned: "sigs.k8s.io/controller-tools",
+    binaries: &[("controller-gen", "sigs.k8s.io/controller-tools/cmd/controller-gen")],
+};
+
 /// Paths of every binary the local control plane and the tests use.
 #[derive(Clone, Debug)]
 pub struct Binaries {
@@ -108,8 +115,16 @@ pub fn ensure_peer(root: &Path) -> Result<PathBuf> {
     Ok(dir.join("peer"))
 }
 
+/// Returns the cached controller-gen binary, building it if missing.
+pub fn ensure_controller_gen(root: &Path) -> Result<PathBuf> {
+    let (dir, _) = build_module(&root.join("xtask/go"), &cache_dir()?.join("bin"), &CONTROLLER_GEN, |_, _| {
+        Ok(String::from("-s -w"))
+    })?;
+    Ok(dir.join("controller-gen"))
+}
+
 /// The version of `module` that a wrapper's go.mod requires.
-fn required_version(go_mod: &str, module: &str) -> Option<String> {
+pub(super) fn required_version(go_mod: &str, module: &str) -> Option<String> {
     go_mod.lines().find_map(|line| {
         let mut words = line.trim().trim_start_matches("require").split_whitespace();
         (words.next() == Some(module)).then(|| words.next().map(str::to_owned)).flatten()
@@ -144,7 +159,7 @@ fn helm_ldflags(go_mod: &str, version: &str) -> Result<String> {
 }
 
 /// FNV-1a: a stable fingerprint of the module pins, so editing go.mod or go.sum rebuilds.
-fn fingerprint(parts: &[&str]) -> String {
+pub(super) fn fingerprint(parts: &[&str]) -> String {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
     for byte in parts.iter().flat_map(|p| p.bytes().chain([0])) {
         hash ^= u64::from(byte);

@@ -6,6 +6,7 @@
 //! stops exactly the PIDs recorded there.
 
 pub mod binaries;
+mod monitoring;
 pub mod node;
 mod pki;
 mod process;
@@ -132,11 +133,13 @@ impl ClusterState {
     }
 }
 
-/// Brings the control plane up, or returns the one already running for this work tree.
+/// Brings the control plane up, or returns the one already running for this work tree; either
+/// way makes sure it has the Prometheus Operator's monitoring CRDs (cached, so cheap).
 /// The boolean is true when this call started it.
 pub fn up(root: &Path, with_node: bool) -> Result<(ClusterState, bool)> {
     if let Some(state) = ClusterState::load(root)? {
         if state.crashed().is_empty() {
+            monitoring::install(root, &state)?;
             return Ok((state, false));
         }
         eprintln!("the recorded cluster has stopped; cleaning it up:\n{}", state.crashed().join("\n"));
@@ -148,6 +151,7 @@ pub fn up(root: &Path, with_node: bool) -> Result<(ClusterState, bool)> {
     }
     let state = start(&binaries, with_node)?;
     state.save(root)?;
+    monitoring::install(root, &state)?;
     Ok((state, true))
 }
 
