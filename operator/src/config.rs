@@ -399,6 +399,18 @@ mod tests {
     }
 
     #[test]
+    fn secure_metrics_take_a_certificate_folder_only_when_on() -> Result<(), String> {
+        assert_eq!(parse(&[])?.metrics_security, None, "plain HTTP unless asked");
+        assert_eq!(parse(&["--metrics-secure"])?.metrics_security, Some(MetricsSecurity { cert_dir: None }));
+        assert_eq!(parse(&["--metrics-secure=false"])?.metrics_security, None);
+        let secured = parse(&["--metrics-secure=true", "--metrics-cert-dir", "/certs"])?.metrics_security;
+        assert_eq!(secured, Some(MetricsSecurity { cert_dir: Some("/certs".into()) }));
+        let error = parse(&["--metrics-cert-dir", "/certs"]).err().unwrap_or_default();
+        assert!(error.contains("--metrics-secure is not"), "{error}");
+        Ok(())
+    }
+
+    #[test]
     fn contradictory_timings_are_rejected_with_the_rule() {
         let error = parse(&["--lease-duration", "10s", "--renew-deadline", "10s"]).err().unwrap_or_default();
         assert!(
