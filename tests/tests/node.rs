@@ -3,14 +3,13 @@
 //! kubelet, reaching the API server through the `kubernetes` Service with their projected
 //! service-account token. What a user installing with Helm would see.
 
-use std::net::SocketAddr;
 use std::process::Output;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use crd_types::{MessageBroadcast, MessageBroadcastSpec, MyResource, MyResourceSpec, Phase};
 use e2e_tests::prometheus::{PrometheusServer, value};
-use e2e_tests::{Fixture, TestNamespace, client_for, eventually, http_get_at, sample, stdout_of, succeeded};
+use e2e_tests::{Fixture, TestNamespace, client_for, eventually, sample, stdout_of, succeeded};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Secret};
@@ -20,6 +19,7 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
+use operator::check::{Answer, Request, get};
 use serde_json::json;
 use tokio::sync::Mutex;
 
@@ -116,6 +116,14 @@ async fn ready_pods(f: &Fixture, release: &str) -> Result<Vec<(String, String)>>
         .collect())
 }
 
+/// How to read a release's secure /metrics: HTTPS (the self-signed certificate) with a token of
+/// the release's ServiceAccount, which the chart binds to its metrics-reader ClusterRole.
+fn metrics_reader(f: &Fixture, release: &str) -> Result<Request> {
+    let account = format!("{release}-example-operator");
+    let token = stdout_of(&f.cluster.kubectl(&["create", "token", &account, "-n", f.ns(), "--duration=1h"])?)?;
+    Ok(Request { token: Some(token.trim().to_owned()), insecure_skip_tls_verify: true, ..Request::default() })
+}
+
 /// Waits until exactly `count` Pods are Ready and the Lease names one of them, which alone
 /// reports leading; returns the Pods and the leader's name.
 async fn ready_with_one_leader(
@@ -125,6 +133,8 @@ async fn ready_with_one_leader(
     timeout: Duration,
 ) -> Result<(Vec<(String, String)>, String)> {
     let lease = format!("{release}-example-operator-leader");
+    // Secure metrics (the chart's default): the release's own ServiceAccount may read /metrics.
+    let reader = metrics_reader(f, release)?;
     eventually(timeout, &format!("{count} Ready Pods with exactly one leader"), || async {
         let pods = ready_pods(f, release).await?;
         if pods.len() != count {
@@ -133,9 +143,8 @@ async fn ready_with_one_leader(
         let Some(holder) = f.lease_holder(&lease).await? else { return Ok(None) };
         let mut leading = Vec::new();
         for (name, ip) in &pods {
-            let address: SocketAddr = format!("{ip}:8080").parse()?;
-            let (code, metrics) = http_get_at(address, "/metrics").await?;
-            ensure!(code == 200, "{name}'s /metrics answered {code}");
+            let Answer { code, body: metrics, .. } = get(&format!("https://{ip}:8080/metrics"), &reader).await?;
+            ensure!(code == 200, "{name}'s /metrics answered {code}: {metrics}");
             if sample(&metrics, &format!("leader_election_master_status{{name=\"{lease}\"}}")) == Some(1.0) {
                 leading.push(name.clone());
             }
@@ -145,13 +154,16 @@ async fn ready_with_one_leader(
     .await
 }
 
-/// Prometheus scraping each of the namespace's Pods on its `metrics` port every second.
+/// Prometheus scraping each of the namespace's Pods on its `metrics` port every second, with the
+/// endpoint settings of the ServiceMonitor the chart renders for `values` (HTTPS, a bearer token,
+/// TLS verification as configured), as a ServiceAccount bound to the chart's metrics-reader role.
 ///
 /// Debian's Prometheus 2.42 is built without Kubernetes service discovery (its configuration
 /// rejects `kubernetes_sd_configs`), so discovery is done as it would be: as a ServiceAccount
 /// allowed only to list Pods, with its token, the Pods' addresses are read from the API server and
 /// handed to Prometheus through `file_sd_configs`, refreshed until the Pods are found.
-async fn scraping_prometheus(f: &Fixture) -> Result<PrometheusServer> {
+async fn scraping_prometheus(f: &Fixture, release: &str, values: &[String]) -> Result<ScrapingPrometheus> {
+    let reader_binding = format!("{}-prometheus-metrics", f.ns());
     for args in [
         vec!["create", "serviceaccount", "prometheus"],
         vec!["create", "role", "pod-discovery", "--verb=get,list,watch", "--resource=pods"],
@@ -168,6 +180,44 @@ async fn scraping_prometheus(f: &Fixture) -> Result<PrometheusServer> {
         args.extend(["--namespace", f.ns()]);
         stdout_of(&f.cluster.kubectl(&args)?)?;
     }
+    // What NOTES tells users to run for their Prometheus.
+    stdout_of(&f.cluster.kubectl(&[
+        "create",
+        "clusterrolebinding",
+        &reader_binding,
+        &format!("--clusterrole={release}-example-operator-metrics-reader"),
+        &format!("--serviceaccount={}:prometheus", f.ns()),
+    ])?)?;
+    let binding = ClusterBinding { cluster: f.cluster.clone(), name: reader_binding };
+    Ok(ScrapingPrometheus { server: scrape_with(f, release, values).await?, _binding: binding })
+}
+
+/// A ClusterRoleBinding the test made, deleted when dropped.
+struct ClusterBinding {
+    cluster: e2e_tests::TestCluster,
+    name: String,
+}
+
+impl Drop for ClusterBinding {
+    fn drop(&mut self) {
+        let _ = self.cluster.kubectl(&["delete", "clusterrolebinding", &self.name, "--ignore-not-found"]);
+    }
+}
+
+/// Prometheus and the binding that lets it read /metrics.
+struct ScrapingPrometheus {
+    server: PrometheusServer,
+    _binding: ClusterBinding,
+}
+
+impl std::ops::Deref for ScrapingPrometheus {
+    type Target = PrometheusServer;
+    fn deref(&self) -> &PrometheusServer {
+        &self.server
+    }
+}
+
+async fn scrape_with(f: &Fixture, release: &str, values: &[String]) -> Result<PrometheusServer> {
     let token = stdout_of(&f.cluster.kubectl(&["create", "token", "prometheus", "--namespace", f.ns()])?)?;
     let kubeconfig = f.cluster.kubeconfig_with_token("prometheus", token.trim()).await?;
     let as_prometheus = e2e_tests::client_for(&kubeconfig).await?;
@@ -188,8 +238,24 @@ async fn scraping_prometheus(f: &Fixture) -> Result<PrometheusServer> {
     std::fs::create_dir_all(&dir)?;
     let file = dir.join("pods.json");
     std::fs::write(&file, serde_json::to_string(&targets)?)?;
+    let token_file = dir.join("token");
+    std::fs::write(&token_file, token.trim())?;
+
+    // The ServiceMonitor's endpoint, as the Prometheus Operator would turn it into a scrape config
+    // (the token file is this Prometheus's, since it does not run in a Pod).
+    let chart = chart();
+    let args = ["template", release, &chart, "--namespace", f.ns(), "--show-only", "templates/servicemonitor.yaml"];
+    let all: Vec<String> = values.iter().cloned().chain(["serviceMonitor.enabled=true".to_owned()]).collect();
+    let rendered = succeeded(helm(f, &args, &all)?)?;
+    let monitor: serde_json::Value = serde_yaml::from_str(&rendered)?;
+    let endpoint = &monitor["spec"]["endpoints"][0];
+    ensure!(endpoint["scheme"] == "https", "the chart's ServiceMonitor scrapes over HTTPS: {endpoint}");
+    ensure!(endpoint["bearerTokenFile"].is_string(), "the chart's ServiceMonitor sends a token: {endpoint}");
+    let skip_verify = endpoint["tlsConfig"]["insecureSkipVerify"].as_bool().unwrap_or(false);
     let config = format!(
-        "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: example-operator\n    file_sd_configs:\n      - files: [\"{}\"]\n        refresh_interval: 1s\n",
+        "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: example-operator\n    scheme: https\n    metrics_path: {}\n    bearer_token_file: \"{}\"\n    tls_config:\n      insecure_skip_verify: {skip_verify}\n    file_sd_configs:\n      - files: [\"{}\"]\n        refresh_interval: 1s\n",
+        endpoint["path"].as_str().unwrap_or("/metrics"),
+        token_file.display(),
         file.display()
     );
     PrometheusServer::start(&config)
@@ -218,7 +284,7 @@ async fn the_chart_runs_on_the_node_hands_over_and_upgrades_with_one_writer_at_a
 
     // A real Prometheus scrapes both Pods on their Pod addresses, found through the API server
     // with a ServiceAccount's token.
-    let prometheus = scraping_prometheus(&f).await?;
+    let prometheus = scraping_prometheus(&f, RELEASE, &values).await?;
     let up = "up{job=\"example-operator\"}";
     prometheus
         .eventually(Duration::from_secs(60), up, |series| {

@@ -137,7 +137,8 @@ fn run_on_node(
     let result = runtime.block_on(async {
         let client = crate::harness::client_for(kubeconfig).await?;
         let pods = ready_pods(&client, Duration::from_secs(180)).await?;
-        let prometheus = scraping(root, &pods)?;
+        let token = metrics_reader_token(kubeconfig)?;
+        let prometheus = scraping(root, &pods, &token)?;
         show_convergence(root, kubeconfig).await?;
         println!(
             "$ kubectl get pods -n {SYSTEM_NAMESPACE} -o wide\n{}",
@@ -158,9 +159,40 @@ fn run_on_node(
         }
         Ok::<_, anyhow::Error>(())
     });
+    let _ = kubectl(kubeconfig, &["delete", "clusterrolebinding", PROMETHEUS_BINDING, "--ignore-not-found"]);
     let uninstalled = helm(&["uninstall", RELEASE, "--namespace", SYSTEM_NAMESPACE, "--wait"]);
     eprintln!("uninstalled the release (the CRDs and custom resources are kept)");
     result.and(uninstalled.map(|_| ()))
+}
+
+/// The binding that lets the demo's Prometheus read the release's secure /metrics.
+const PROMETHEUS_BINDING: &str = "example-operator-demo-prometheus";
+
+/// What NOTES tells a user to do for their Prometheus: a ServiceAccount bound to the release's
+/// metrics-reader ClusterRole; returns a token of it.
+fn metrics_reader_token(kubeconfig: &Path) -> Result<String> {
+    let account = kubectl(
+        kubeconfig,
+        &["create", "serviceaccount", "prometheus", "-n", SYSTEM_NAMESPACE, "--dry-run=client", "-o", "yaml"],
+    )?;
+    apply_stdin(kubeconfig, &account)?;
+    let binding = kubectl(
+        kubeconfig,
+        &[
+            "create",
+            "clusterrolebinding",
+            PROMETHEUS_BINDING,
+            &format!("--clusterrole={RELEASE}-metrics-reader"),
+            &format!("--serviceaccount={SYSTEM_NAMESPACE}:prometheus"),
+            "--dry-run=client",
+            "-o",
+            "yaml",
+        ],
+    )?;
+    apply_stdin(kubeconfig, &binding)?;
+    Ok(kubectl(kubeconfig, &["create", "token", "prometheus", "-n", SYSTEM_NAMESPACE, "--duration=24h"])?
+        .trim()
+        .to_owned())
 }
 
 /// Waits until both of the release's Pods are Ready; returns their metrics addresses.
@@ -196,13 +228,16 @@ async fn ready_pods(client: &kube::Client, timeout: Duration) -> Result<Vec<Stri
 
 /// Debian's Prometheus scraping the Pods every second (it is built without Kubernetes service
 /// discovery, so the Pods' addresses are given to it as a file).
-fn scraping(root: &Path, targets: &[String]) -> Result<PrometheusServer> {
+fn scraping(root: &Path, targets: &[String], token: &str) -> Result<PrometheusServer> {
     let dir = crate::target_dir(root).join("demo");
     std::fs::create_dir_all(&dir)?;
     let targets = serde_json::json!([{"targets": targets, "labels": {"namespace": SYSTEM_NAMESPACE}}]);
     std::fs::write(dir.join("pods.json"), serde_json::to_string(&targets)?)?;
+    std::fs::write(dir.join("token"), token)?;
+    // The chart's ServiceMonitor settings: HTTPS to the self-signed certificate, with a token.
     let config = format!(
-        "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: example-operator\n    file_sd_configs:\n      - files: [\"{}\"]\n",
+        "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: example-operator\n    scheme: https\n    bearer_token_file: \"{}\"\n    tls_config:\n      insecure_skip_verify: true\n    file_sd_configs:\n      - files: [\"{}\"]\n",
+        dir.join("token").display(),
         dir.join("pods.json").display()
     );
     PrometheusServer::start(&config)
