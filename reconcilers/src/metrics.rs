@@ -60,6 +60,9 @@ pub struct Metrics {
     pub watch_events_total: IntCounterVec,
     /// `example_operator_cache_objects{resource}`.
     pub cache_objects: IntGaugeVec,
+    /// `example_operator_cache_synced{resource}`: 1 once the shared cache completed its first
+    /// list, 0 before (a controller waits for its caches, so 0 on the leader means no reconciles).
+    pub cache_synced: IntGaugeVec,
 }
 
 impl Metrics {
@@ -177,6 +180,11 @@ impl Metrics {
                 &["resource", "type"],
             )?,
             cache_objects: gauge("example_operator_cache_objects", "Objects held in each shared cache", &["resource"])?,
+            cache_synced: gauge(
+                "example_operator_cache_synced",
+                "Whether each shared cache has completed its initial list (1) or not (0)",
+                &["resource"],
+            )?,
             registry,
         })
     }

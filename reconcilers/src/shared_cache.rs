@@ -79,6 +79,8 @@ where
         sender.set_overflow(false);
         sender.set_await_active(false);
         let last_error = LastError::default();
+        // The series exists (at 0) from the start, so "not synced" is a value, not an absence.
+        metrics.cache_synced.with_label_values(&[resource]).set(0);
         let watch = CacheWatch {
             api,
             config,
@@ -218,6 +220,8 @@ where
             vec![(Arc::new(object), Priority::Live)]
         }
         Event::InitDone => {
+            // The store is ready from the first list on; a later relist does not unready it.
+            metrics.cache_synced.with_label_values(&[resource]).set(1);
             // After a (re)list, objects that vanished while the watch was down get no Delete
             // event of their own: report them, then everything that is present.
             let before = store.state();
@@ -276,5 +280,56 @@ where
         for object in apply(&self.store, &mut self.writer, event, "test", &self.metrics) {
             let _ = self.sender.broadcast_direct(object).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::api::core::v1::ConfigMap;
+
+    use super::*;
+
+    /// A client whose every request fails: the watch is driven by hand here.
+    fn offline_client() -> kube::Client {
+        let service = tower::service_fn(|_request: http::Request<kube::client::Body>| async {
+            Err::<http::Response<kube::client::Body>, _>(std::io::Error::other("offline"))
+        });
+        kube::Client::new(service, "default")
+    }
+
+    fn synced(metrics: &Metrics) -> Option<f64> {
+        let text = metrics.text().ok()?;
+        text.lines().find_map(|line| {
+            line.strip_prefix("example_operator_cache_synced{resource=\"configmaps\"} ")?.trim().parse().ok()
+        })
+    }
+
+    #[tokio::test]
+    async fn cache_synced_reads_zero_until_the_first_list_completes_and_stays_one_through_a_relist() {
+        let metrics = Metrics::new().unwrap_or_else(|error| panic!("metrics: {error}"));
+        let (cache, mut watch) = SharedCache::<ConfigMap>::new(
+            Api::all(offline_client()),
+            watcher::Config::default(),
+            strip_metadata,
+            "configmaps",
+            metrics.clone(),
+        );
+        assert_eq!(synced(&metrics), Some(0.0), "the series is exposed before the first list");
+
+        let CacheWatch { store, writer, .. } = &mut watch;
+        apply(store, writer, Event::Init, "configmaps", &metrics);
+        let mut listed = ConfigMap::default();
+        listed.metadata.name = Some("listed".to_owned());
+        apply(store, writer, Event::InitApply(listed), "configmaps", &metrics);
+        assert_eq!(synced(&metrics), Some(0.0), "a list in progress is not synced");
+        assert!(cache.sync_state().is_err());
+
+        apply(store, writer, Event::InitDone, "configmaps", &metrics);
+        assert_eq!(synced(&metrics), Some(1.0));
+        assert!(cache.sync_state().is_ok());
+
+        // A relist after a watch error keeps serving the cache: still synced.
+        apply(store, writer, Event::Init, "configmaps", &metrics);
+        assert_eq!(synced(&metrics), Some(1.0));
     }
 }

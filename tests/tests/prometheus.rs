@@ -36,6 +36,7 @@ async fn metrics_pass_promtool_and_a_real_prometheus_scrapes_them() -> Result<()
         "controller_runtime_active_workers{controller=\"myresource\"}",
         "leader_election_master_status{name=\"scraped-leader\"}",
         "example_operator_cache_objects{resource=\"myresources\"}",
+        "example_operator_cache_synced{resource=\"myresources\"} 1",
         "process_resident_memory_bytes",
     ] {
         ensure!(exposition.lines().any(|l| l.starts_with(name)), "{name} is missing from /metrics");
