@@ -43,6 +43,15 @@ impl AuditedWrite {
     fn is_lease(&self) -> bool {
         self.resource.as_deref() == Some("leases")
     }
+
+    /// False for the reviews a `create` asks without storing anything: a standby checking a
+    /// secure-metrics caller (TokenReview, SubjectAccessReview) writes nothing.
+    fn stores_state(&self) -> bool {
+        !matches!(
+            self.resource.as_deref(),
+            Some("tokenreviews" | "subjectaccessreviews" | "selfsubjectaccessreviews" | "localsubjectaccessreviews")
+        )
+    }
 }
 
 /// Reads every write the API server recorded in `log` so far.
@@ -124,7 +133,7 @@ pub fn one_writer_at_a_time(
     let ours: Vec<(&str, &AuditedWrite)> = writes
         .iter()
         .copied()
-        .filter(|w| w.succeeded() && !w.is_lease())
+        .filter(|w| w.succeeded() && !w.is_lease() && w.stores_state())
         .filter_map(|w| w.operator_identity().filter(|id| replicas.contains(id)).map(|id| (id, w)))
         .collect();
     for (identity, write) in &ours {
@@ -211,6 +220,22 @@ mod tests {
             .err()
             .map(|e| e.to_string());
         assert!(error.is_some_and(|e| e.contains("a wrote update ns/cm") && e.contains("named \"b\"")));
+        Ok(())
+    }
+
+    #[test]
+    fn a_standby_checking_a_metrics_caller_stores_nothing() -> Result<()> {
+        let log = vec![
+            write(1, A, "leases", Some("a")),
+            write(2, B, "tokenreviews", None),
+            write(3, B, "subjectaccessreviews", None),
+            write(4, A, "configmaps", None),
+        ];
+        let report = one_writer_at_a_time(&log, Timestamp::UNIX_EPOCH, "ns", "lease", &["a", "b"], true)?;
+        assert_eq!(report.writes_of("b"), 0);
+        let mut stored = log.clone();
+        stored.push(write(5, B, "configmaps", None));
+        assert!(one_writer_at_a_time(&stored, Timestamp::UNIX_EPOCH, "ns", "lease", &["a", "b"], true).is_err());
         Ok(())
     }
 
