@@ -190,6 +190,30 @@ pub async fn install_crds(client: &Client) -> Result<Vec<String>> {
     Ok(names)
 }
 
+/// The chart's folder.
+pub fn chart_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/example-operator")
+}
+
+/// Fails unless the Prometheus Operator's ServiceMonitor and PrometheusRule CRDs are
+/// Established (`cargo xtask cluster up`, which `cargo xtask test` runs, installs them).
+pub async fn require_monitoring_crds(client: &Client) -> Result<()> {
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for name in ["servicemonitors.monitoring.coreos.com", "prometheusrules.monitoring.coreos.com"] {
+        let crd = crds.get_opt(name).await?.with_context(|| {
+            format!("CRD {name} is not installed: run `cargo xtask cluster up` (it installs the monitoring CRDs)")
+        })?;
+        let established = crd
+            .status
+            .and_then(|s| s.conditions)
+            .unwrap_or_default()
+            .iter()
+            .any(|c| c.type_ == "Established" && c.status == "True");
+        anyhow::ensure!(established, "CRD {name} is not Established");
+    }
+    Ok(())
+}
+
 /// A namespace of one's own, created with a unique name. Deleted by [`TestNamespace::delete`],
 /// or when dropped (a test that fails early leaves nothing behind).
 pub struct TestNamespace {
