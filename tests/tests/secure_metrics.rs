@@ -18,7 +18,7 @@ fn chart() -> String {
 fn token_of(f: &Fixture, name: &str) -> Result<String> {
     let created = f.cluster.kubectl(&["create", "serviceaccount", name, "-n", f.ns()])?;
     ensure!(
-        created.status.success() || String::from_utf8_lossy(&created.stderr).contains("AlreadyExists"),
+        created.status.success() || String::from_utf8_lossy(&created.stderr).contains("already exists"),
         "creating ServiceAccount {name}: {}",
         String::from_utf8_lossy(&created.stderr)
     );
@@ -103,6 +103,54 @@ async fn metrics_answer_only_callers_the_api_server_allows_and_probes_stay_open(
         // Nothing is served in the clear on the secure port.
         let plain = get(&format!("http://127.0.0.1:{}/metrics", operator.metrics_port), &Request::default()).await;
         ensure!(plain.map(|a| a.code != 200).unwrap_or(true), "plain HTTP must not get metrics");
+        Ok(())
+    }
+    .await;
+    remove_cluster_objects(&f, &release);
+    result
+}
+
+#[tokio::test]
+async fn the_charts_metrics_auth_role_is_exactly_what_checking_a_caller_needs() -> Result<()> {
+    use k8s_openapi::api::rbac::v1::ClusterRole;
+    use kube::api::{Api, Patch, PatchParams};
+    let f = Fixture::new("metrics-auth").await?;
+    let release = f.ns().to_owned();
+    let result = async {
+        apply_the_charts_metrics_rbac(&f, &release)?;
+        // The release's ServiceAccount: the chart lets it check callers and read /metrics itself.
+        let account = format!("{release}-example-operator");
+        let token = token_of(&f, &account)?;
+        let kubeconfig = f.cluster.kubeconfig_with_token(&account, &token).await?;
+        let operator = e2e_tests::OperatorProcess::spawn(
+            &kubeconfig,
+            "metrics-auth",
+            "metrics-auth-leader",
+            f.ns(),
+            &["--leader-elect=false", "--metrics-secure"],
+            &[],
+        )?;
+        let metrics = format!("https://127.0.0.1:{}/metrics", operator.metrics_port);
+        let allowed = answer(&metrics, &insecure(Some(&token))).await?;
+        ensure!(allowed.code == 200, "with the chart's RBAC: {} {}", allowed.code, allowed.body);
+
+        let roles: Api<ClusterRole> = Api::all(f.client.clone());
+        let role = format!("{release}-example-operator-metrics-auth");
+        let rules = roles.get(&role).await?.rules.unwrap_or_default();
+        ensure!(rules.len() == 2, "TokenReview and SubjectAccessReview: {rules:?}");
+        for index in 0..rules.len() {
+            let mut fewer = rules.clone();
+            let removed = fewer.remove(index);
+            roles.patch(&role, &PatchParams::default(), &Patch::Merge(serde_json::json!({"rules": fewer}))).await?;
+            // A fresh token each time: answers are remembered per token.
+            let fresh = token_of(&f, &account)?;
+            eventually(Duration::from_secs(20), &format!("a refusal without {:?}", removed.resources), || async {
+                Ok(answer(&metrics, &insecure(Some(&fresh))).await.ok().filter(|a| a.code == 503).map(|_| ()))
+            })
+            .await?;
+            roles.patch(&role, &PatchParams::default(), &Patch::Merge(serde_json::json!({"rules": rules}))).await?;
+        }
+        ensure!(operator.log_text().contains("cannot check a metrics caller"), "the failure is logged");
         Ok(())
     }
     .await;
