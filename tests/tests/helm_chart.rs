@@ -4,14 +4,18 @@
 //! ownership, so they run one at a time.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use crd_types::{MyResource, MyResourceSpec};
-use e2e_tests::{TestCluster, TestNamespace, helm, install_crds, require_monitoring_crds, stdout_of, succeeded};
+use e2e_tests::{
+    TestCluster, TestNamespace, eventually, helm, install_crds, require_monitoring_crds, stdout_of, succeeded,
+};
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::Namespace;
-use k8s_openapi::api::rbac::v1::ClusterRole;
+use k8s_openapi::api::core::v1::{Container, Namespace};
+use k8s_openapi::api::rbac::v1::{ClusterRole, Role};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::ResourceExt;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::json;
@@ -313,5 +317,493 @@ async fn notes_paste_cleanly_and_say_only_what_applies() -> Result<()> {
     ensure!(!single.to_lowercase().contains("lease"), "no Lease without leader election: {single}");
     let built = notes(&["--set", "image.repository=registry.example/example-operator"])?;
     ensure!(!built.contains("not published"), "{built}");
+    Ok(())
+}
+
+/// The rendered manifests, one YAML document each.
+fn documents(rendered: &str) -> Vec<serde_yaml::Value> {
+    rendered
+        .split("\n---")
+        .filter_map(|doc| serde_yaml::from_str::<serde_yaml::Value>(doc).ok())
+        .filter(|doc| !doc.is_null())
+        .collect()
+}
+
+/// The documents of `kind`.
+fn of_kind<'a>(documents: &'a [serde_yaml::Value], kind: &str) -> Vec<&'a serde_yaml::Value> {
+    documents.iter().filter(|doc| doc["kind"] == kind).collect()
+}
+
+/// The Deployment the chart renders with `args`.
+fn rendered_deployment(cluster: &TestCluster, args: &[&str]) -> Result<Deployment> {
+    let rendered = succeeded(render(cluster, "shape", args)?)?;
+    let documents = documents(&rendered);
+    let deployment = of_kind(&documents, "Deployment").into_iter().next().context("a Deployment")?;
+    Ok(serde_yaml::from_value(deployment.clone())?)
+}
+
+/// The operator container and the Pod spec of a Deployment.
+fn pod_of(deployment: &Deployment) -> Result<(k8s_openapi::api::core::v1::PodSpec, Container)> {
+    let pod = deployment.spec.as_ref().and_then(|s| s.template.spec.clone()).context("a pod spec")?;
+    let container = pod.containers.first().cloned().context("a container")?;
+    Ok((pod, container))
+}
+
+/// `kubectl apply --server-side --dry-run=server` of rendered manifests: the API server
+/// validates every field (and admission runs) without storing anything. Render with
+/// `--skip-tests`: the `helm test` Pod's ServiceAccount would not exist in a dry run.
+fn accepted_by_the_api_server(cluster: &TestCluster, rendered: &str) -> Result<()> {
+    let output = cluster.kubectl_with_input(
+        &["apply", "--server-side", "--force-conflicts", "--dry-run=server", "-f", "-"],
+        Some(rendered),
+    )?;
+    ensure!(output.status.success(), "server-side validation failed:\n{}", String::from_utf8_lossy(&output.stderr));
+    Ok(())
+}
+
+/// The error of a `helm template` that must fail.
+fn rejected(output: std::process::Output) -> Result<String> {
+    ensure!(!output.status.success(), "helm accepted it: {}", String::from_utf8_lossy(&output.stdout));
+    Ok(String::from_utf8_lossy(&output.stderr).into_owned())
+}
+
+#[tokio::test]
+async fn extra_args_env_and_volumes_reach_the_operator_container() -> Result<()> {
+    let cluster = TestCluster::get()?;
+    let client = cluster.admin_client().await?;
+    let namespace = TestNamespace::create(&client, "chart-extras").await?;
+    let values = std::env::temp_dir().join(format!("extras-{}.yaml", namespace.name));
+    std::fs::write(
+        &values,
+        r#"extraArgs: ["--reconcile-timeout=2m", "--api-request-timeout=45s"]
+extraEnv:
+  - name: FROM_VALUE
+    value: "plain: text"
+  - name: NODE_NAME
+    valueFrom:
+      fieldRef:
+        fieldPath: spec.nodeName
+  - name: FROM_SECRET
+    valueFrom:
+      secretKeyRef:
+        name: operator-extras
+        key: token
+        optional: true
+volumes:
+  - name: scratch
+    emptyDir: {}
+volumeMounts:
+  - name: scratch
+    mountPath: /tmp
+"#,
+    )?;
+    let values = values.display().to_string();
+    let args = ["--namespace", namespace.name.as_str(), "-f", values.as_str()];
+    let deployment = rendered_deployment(&cluster, &args)?;
+    let (pod, container) = pod_of(&deployment)?;
+    let container_args = container.args.clone().unwrap_or_default();
+    ensure!(
+        container_args.ends_with(&["--reconcile-timeout=2m".to_owned(), "--api-request-timeout=45s".to_owned()]),
+        "extraArgs come last, after the chart's own: {container_args:?}"
+    );
+    let env = container.env.clone().unwrap_or_default();
+    let named = |name: &str| env.iter().find(|e| e.name == name).cloned();
+    ensure!(named("POD_NAME").is_some(), "the chart's own variables stay: {env:?}");
+    ensure!(named("FROM_VALUE").and_then(|e| e.value) == Some("plain: text".into()), "{env:?}");
+    let node = named("NODE_NAME").and_then(|e| e.value_from).and_then(|v| v.field_ref).map(|f| f.field_path);
+    ensure!(node == Some("spec.nodeName".into()), "{env:?}");
+    let secret = named("FROM_SECRET").and_then(|e| e.value_from).and_then(|v| v.secret_key_ref);
+    ensure!(secret.is_some_and(|s| s.name == "operator-extras" && s.key == "token"), "{env:?}");
+    let volumes = pod.volumes.unwrap_or_default();
+    ensure!(volumes.iter().any(|v| v.name == "scratch" && v.empty_dir.is_some()), "{volumes:?}");
+    let mounts = container.volume_mounts.unwrap_or_default();
+    ensure!(mounts.iter().any(|m| m.name == "scratch" && m.mount_path == "/tmp"), "{mounts:?}");
+    let mut dry_run = args.to_vec();
+    dry_run.push("--skip-tests");
+    accepted_by_the_api_server(&cluster, &succeeded(render(&cluster, "extras", &dry_run)?)?)?;
+
+    // Wrong shapes fail at install time, naming the value.
+    let stderr = rejected(render(&cluster, "extras", &["--set", "extraArgs=--one-string"])?)?;
+    ensure!(stderr.contains("/extraArgs") && stderr.contains("want array"), "{stderr}");
+    let stderr = rejected(render(&cluster, "extras", &["--set", "extraEnv[0].value=no-name"])?)?;
+    ensure!(stderr.contains("/extraEnv/0") && stderr.contains("name"), "{stderr}");
+    let stderr = rejected(render(&cluster, "extras", &["--set", "volumeMounts[0].name=scratch"])?)?;
+    ensure!(stderr.contains("/volumeMounts/0") && stderr.contains("mountPath"), "{stderr}");
+    namespace.delete().await
+}
+
+#[tokio::test]
+async fn image_security_contexts_probes_strategy_and_spread_are_configurable_with_safe_defaults() -> Result<()> {
+    let cluster = TestCluster::get()?;
+    let client = cluster.admin_client().await?;
+    let digest = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+    // Defaults: the appVersion tag, the restricted contexts, the three probes on the operator's
+    // endpoints, 10 old ReplicaSets, and replicas spread softly across nodes.
+    let deployment = rendered_deployment(&cluster, &[])?;
+    let (pod, container) = pod_of(&deployment)?;
+    ensure!(container.image.as_deref() == Some("example-operator:0.1.0"), "{:?}", container.image);
+    let probe_path = |probe: &Option<k8s_openapi::api::core::v1::Probe>| {
+        probe.as_ref().and_then(|p| p.http_get.as_ref()).map(|g| (g.path.clone().unwrap_or_default(), g.port.clone()))
+    };
+    let probes = IntOrString::String("probes".into());
+    ensure!(probe_path(&container.startup_probe) == Some(("/healthz".into(), probes.clone())));
+    ensure!(probe_path(&container.liveness_probe) == Some(("/healthz".into(), probes.clone())));
+    ensure!(probe_path(&container.readiness_probe) == Some(("/readyz".into(), probes.clone())));
+    let security = container.security_context.clone().context("container securityContext")?;
+    ensure!(security.read_only_root_filesystem == Some(true) && security.allow_privilege_escalation == Some(false));
+    let pod_security = pod.security_context.clone().context("pod securityContext")?;
+    ensure!(pod_security.run_as_user == Some(65532) && pod_security.run_as_non_root == Some(true));
+    let spec = deployment.spec.clone().context("deployment spec")?;
+    ensure!(spec.revision_history_limit == Some(10) && spec.strategy.is_none());
+    let spread = pod.topology_spread_constraints.clone().unwrap_or_default();
+    ensure!(
+        spread.len() == 1
+            && spread[0].topology_key == "kubernetes.io/hostname"
+            && spread[0].when_unsatisfiable == "ScheduleAnyway"
+            && spread[0].label_selector.as_ref().and_then(|s| s.match_labels.as_ref()).is_some_and(|labels| {
+                labels.get("app.kubernetes.io/instance").map(String::as_str) == Some("shape")
+            }),
+        "a soft spread of this release's Pods across nodes: {spread:?}"
+    );
+
+    // Everything set: the digest wins over the tag and the registry is put in front (the
+    // `helm test` Pod runs the same image); contexts and probes as given; a probe set to null
+    // is gone; a changed probe field keeps the endpoint; the user's spread replaces the default.
+    let namespace = TestNamespace::create(&client, "chart-shape").await?;
+    let values = std::env::temp_dir().join(format!("shape-{}.yaml", namespace.name));
+    std::fs::write(
+        &values,
+        format!(
+            r#"global:
+  imageRegistry: registry.example/
+image:
+  tag: "9.9.9"
+  digest: {digest}
+podSecurityContext:
+  runAsNonRoot: true
+  runAsUser: 1000
+  runAsGroup: 1000
+  fsGroup: 1000
+  seccompProfile:
+    type: RuntimeDefault
+securityContext:
+  runAsUser: 1000
+startupProbe: null
+livenessProbe:
+  periodSeconds: 20
+readinessProbe:
+  failureThreshold: 6
+strategy:
+  type: RollingUpdate
+  rollingUpdate:
+    maxSurge: 1
+    maxUnavailable: 0
+revisionHistoryLimit: 3
+topologySpreadConstraints:
+  - maxSkew: 1
+    topologyKey: topology.kubernetes.io/zone
+    whenUnsatisfiable: DoNotSchedule
+    labelSelector:
+      matchLabels:
+        app.kubernetes.io/name: example-operator
+"#
+        ),
+    )?;
+    let values = values.display().to_string();
+    let args = ["--namespace", namespace.name.as_str(), "-f", values.as_str()];
+    let rendered = succeeded(render(&cluster, "shape", &args)?)?;
+    let documents = documents(&rendered);
+    let expected = format!("registry.example/example-operator@{digest}");
+    let deployment: Deployment =
+        serde_yaml::from_value(of_kind(&documents, "Deployment").first().copied().context("a Deployment")?.clone())?;
+    let (pod, container) = pod_of(&deployment)?;
+    ensure!(container.image.as_deref() == Some(expected.as_str()), "{:?}", container.image);
+    let test_pod: k8s_openapi::api::core::v1::Pod =
+        serde_yaml::from_value(of_kind(&documents, "Pod").first().copied().context("the helm test Pod")?.clone())?;
+    let test_image = test_pod.spec.and_then(|s| s.containers.first().and_then(|c| c.image.clone()));
+    ensure!(test_image.as_deref() == Some(expected.as_str()), "{test_image:?}");
+    ensure!(pod.security_context.and_then(|s| s.fs_group) == Some(1000));
+    let security = container.security_context.context("container securityContext")?;
+    ensure!(
+        security.run_as_user == Some(1000) && security.read_only_root_filesystem == Some(true),
+        "a field set, the restricted defaults kept: {security:?}"
+    );
+    ensure!(container.startup_probe.is_none(), "startupProbe: null removes it");
+    let liveness = container.liveness_probe.clone().context("livenessProbe")?;
+    ensure!(liveness.period_seconds == Some(20) && probe_path(&container.liveness_probe).is_some());
+    ensure!(container.readiness_probe.and_then(|p| p.failure_threshold) == Some(6));
+    let spec = deployment.spec.context("deployment spec")?;
+    ensure!(spec.revision_history_limit == Some(3));
+    let rolling = spec.strategy.and_then(|s| s.rolling_update).context("a rolling update")?;
+    ensure!(rolling.max_unavailable == Some(IntOrString::Int(0)));
+    let spread = pod.topology_spread_constraints.unwrap_or_default();
+    ensure!(spread.len() == 1 && spread[0].topology_key == "topology.kubernetes.io/zone", "{spread:?}");
+    let mut dry_run = args.to_vec();
+    dry_run.push("--skip-tests");
+    accepted_by_the_api_server(&cluster, &succeeded(render(&cluster, "shape", &dry_run)?)?)?;
+
+    // The default spread can be turned off; a digest must look like one.
+    let unspread = rendered_deployment(&cluster, &["--set", "spreadAcrossNodes=false"])?;
+    ensure!(pod_of(&unspread)?.0.topology_spread_constraints.is_none());
+    let stderr = rejected(render(&cluster, "shape", &["--set", "image.digest=latest"])?)?;
+    ensure!(stderr.contains("/image/digest"), "{stderr}");
+    let stderr = rejected(render(&cluster, "shape", &["--set", "livenessProbe.periodSeconds=often"])?)?;
+    ensure!(stderr.contains("/livenessProbe/periodSeconds"), "{stderr}");
+    namespace.delete().await
+}
+
+#[tokio::test]
+async fn namespaced_mode_grants_roles_in_the_watched_namespace_and_only_what_broadcasts_need_cluster_wide() -> Result<()>
+{
+    let cluster = TestCluster::get()?;
+    let client = cluster.admin_client().await?;
+    let home = TestNamespace::create(&client, "chart-ns-home").await?;
+    let watched = TestNamespace::create(&client, "chart-ns-watched").await?;
+    let kinds_and_names = |documents: &[serde_yaml::Value]| -> Vec<(String, String, String)> {
+        documents
+            .iter()
+            .map(|d| {
+                let text = |v: &serde_yaml::Value| v.as_str().unwrap_or_default().to_owned();
+                (text(&d["kind"]), text(&d["metadata"]["namespace"]), text(&d["metadata"]["name"]))
+            })
+            .collect()
+    };
+    // Secure metrics needs cluster-wide TokenReviews and SubjectAccessReviews (its own ClusterRole).
+    let base = [
+        "--namespace",
+        home.name.as_str(),
+        "--set",
+        "crds.install=false",
+        "--set",
+        "metrics.secure=false",
+        "--skip-tests",
+    ];
+    let watch = format!("watchNamespace={}", watched.name);
+
+    // MyResources only: a Role and RoleBinding in the watched namespace, nothing cluster-wide.
+    let mut args = base.to_vec();
+    args.extend(["--set", &watch, "--set", "controllers.enabled={myresource}"]);
+    let rendered = succeeded(render(&cluster, "scoped", &args)?)?;
+    let documents = documents(&rendered);
+    let objects = kinds_and_names(&documents);
+    ensure!(
+        !objects.iter().any(|(kind, _, _)| kind.starts_with("Cluster")),
+        "no ClusterRole or ClusterRoleBinding (user roles included): {objects:?}"
+    );
+    for kind in ["Role", "RoleBinding"] {
+        ensure!(
+            objects.contains(&(kind.to_owned(), watched.name.clone(), "scoped-example-operator".to_owned())),
+            "a {kind} in the watched namespace: {objects:?}"
+        );
+    }
+    let role = of_kind(&documents, "Role")
+        .into_iter()
+        .find(|d| d["metadata"]["namespace"] == watched.name.as_str())
+        .context("the watched namespace's Role")?;
+    let role: Role = serde_yaml::from_value(role.clone())?;
+    let resources: Vec<String> =
+        role.rules.iter().flatten().flat_map(|r| r.resources.clone().unwrap_or_default()).collect();
+    ensure!(
+        resources == ["myresources", "myresources/status", "configmaps", "events"],
+        "what the MyResource controller touches: {resources:?}"
+    );
+    let deployment: Deployment =
+        serde_yaml::from_value(of_kind(&documents, "Deployment").first().copied().context("a Deployment")?.clone())?;
+    let container_args = pod_of(&deployment)?.1.args.unwrap_or_default();
+    ensure!(container_args.contains(&format!("--watch-namespace={}", watched.name)), "{container_args:?}");
+    accepted_by_the_api_server(&cluster, &rendered)?;
+
+    // With MessageBroadcasts (cluster-scoped) too: one ClusterRole with the broadcasts, their
+    // status and the watched namespace by name; ConfigMaps stay namespaced; events about
+    // broadcasts go to `default`.
+    let mut args = base.to_vec();
+    args.extend(["--set", &watch]);
+    let rendered = succeeded(render(&cluster, "scoped", &args)?)?;
+    let documents = self::documents(&rendered);
+    let cluster_roles = of_kind(&documents, "ClusterRole");
+    ensure!(cluster_roles.len() == 1, "one ClusterRole: {:?}", kinds_and_names(&documents));
+    let cluster_role: ClusterRole = serde_yaml::from_value(cluster_roles[0].clone())?;
+    ensure!(cluster_role.metadata.name.as_deref() == Some("scoped-example-operator-messagebroadcasts"));
+    let rules = cluster_role.rules.unwrap_or_default();
+    let cluster_wide: Vec<String> = rules.iter().flat_map(|r| r.resources.clone().unwrap_or_default()).collect();
+    ensure!(cluster_wide == ["messagebroadcasts", "messagebroadcasts/status", "namespaces"], "{cluster_wide:?}");
+    let namespaces = rules.iter().find(|r| r.resources == Some(vec!["namespaces".into()])).context("namespaces")?;
+    ensure!(
+        namespaces.resource_names == Some(vec![watched.name.clone()]),
+        "only the watched namespace: {namespaces:?}"
+    );
+    let objects = kinds_and_names(&documents);
+    ensure!(
+        objects.contains(&("Role".into(), "default".into(), "scoped-example-operator-broadcast-events".into())),
+        "{objects:?}"
+    );
+    ensure!(objects.iter().filter(|(kind, _, _)| kind == "ClusterRoleBinding").count() == 1, "{objects:?}");
+    accepted_by_the_api_server(&cluster, &rendered)?;
+
+    // A namespace name that is not one fails at install time.
+    let stderr = rejected(render(&cluster, "scoped", &["--set", "watchNamespace=Not_A_Namespace"])?)?;
+    ensure!(stderr.contains("/watchNamespace"), "{stderr}");
+    watched.delete().await?;
+    home.delete().await
+}
+
+/// `kubectl` as `user` (the administrator impersonates it).
+fn kubectl_as(cluster: &TestCluster, user: &str, args: &[&str]) -> Result<std::process::Output> {
+    let mut all = vec!["--as", user];
+    all.extend_from_slice(args);
+    cluster.kubectl(&all)
+}
+
+/// `kubectl auth can-i` as `user`: the API server's answer.
+fn can(cluster: &TestCluster, user: &str, args: &[&str]) -> Result<bool> {
+    let mut all = vec!["auth", "can-i"];
+    all.extend_from_slice(args);
+    let output = kubectl_as(cluster, user, &all)?;
+    Ok(String::from_utf8_lossy(&output.stdout).trim() == "yes")
+}
+
+#[tokio::test]
+async fn users_get_myresource_access_through_view_edit_and_admin_and_messagebroadcast_write_only_on_purpose()
+-> Result<()> {
+    let cluster = TestCluster::get()?;
+    let client = cluster.admin_client().await?;
+    install_crds(&client).await?;
+    let namespace = TestNamespace::create(&client, "chart-users").await?;
+    let ns = namespace.name.as_str();
+    // ClusterRoles are cluster-wide: the release (and so their names) is this test's own.
+    let release = format!("users-{}", &ns[ns.len() - 6..]);
+    let fullname = format!("{release}-example-operator");
+    succeeded(helm(
+        &cluster,
+        &[
+            "install",
+            &release,
+            &chart_path(),
+            "--namespace",
+            ns,
+            "--set",
+            "crds.install=false",
+            "--set",
+            "replicaCount=0",
+        ],
+    )?)?;
+    let user = |role: &str| format!("{ns}-{role}");
+    let (editor, viewer, admin, cluster_editor, cluster_viewer, broadcaster) = (
+        user("editor"),
+        user("viewer"),
+        user("admin"),
+        user("cluster-editor"),
+        user("cluster-viewer"),
+        user("broadcaster"),
+    );
+    let cluster_bindings = [
+        (format!("{ns}-cluster-editor"), "edit".to_owned(), cluster_editor.clone()),
+        (format!("{ns}-cluster-viewer"), "view".to_owned(), cluster_viewer.clone()),
+        (format!("{ns}-broadcaster"), format!("{fullname}-messagebroadcast-editor"), broadcaster.clone()),
+    ];
+    let outcome = async {
+        for (role, name) in [("edit", &editor), ("view", &viewer), ("admin", &admin)] {
+            let binding = format!("{role}-binding");
+            let user = format!("--user={name}");
+            stdout_of(&cluster.kubectl(&["create", "rolebinding", &binding, &format!("--clusterrole={role}"), &user, "-n", ns])?)?;
+        }
+        for (binding, role, name) in &cluster_bindings {
+            let role = format!("--clusterrole={role}");
+            stdout_of(&cluster.kubectl(&["create", "clusterrolebinding", binding, &role, &format!("--user={name}")])?)?;
+        }
+        let my_resource = format!(
+            "apiVersion: example.com/v1\nkind: MyResource\nmetadata:\n  name: by-a-user\n  namespace: {ns}\nspec:\n  message: hi\n"
+        );
+        let broadcast = format!(
+            "apiVersion: example.com/v1\nkind: MessageBroadcast\nmetadata:\n  name: {ns}\nspec:\n  message: hi\n  namespaceSelector:\n    matchLabels:\n      none: none\n"
+        );
+        // The aggregation controller copies the rules into the built-in roles within seconds.
+        eventually(Duration::from_secs(30), "edit, admin and cluster-wide edit to write MyResources", || async {
+            Ok((can(&cluster, &editor, &["create", "myresources.example.com", "-n", ns])?
+                && can(&cluster, &admin, &["deletecollection", "myresources.example.com", "-n", ns])?
+                && can(&cluster, &cluster_editor, &["patch", "myresources.example.com", "-n", "default"])?
+                && can(&cluster, &viewer, &["list", "myresources.example.com", "-n", ns])?
+                && can(&cluster, &cluster_viewer, &["watch", "messagebroadcasts.example.com"])?)
+            .then_some(()))
+        })
+        .await?;
+        // A real create, as the namespace's editor (the API server stores nothing: dry run).
+        let output = cluster.kubectl_with_input(
+            &["--as", &editor, "create", "--dry-run=server", "-f", "-"],
+            Some(&my_resource),
+        )?;
+        ensure!(output.status.success(), "the editor creates a MyResource: {}", String::from_utf8_lossy(&output.stderr));
+        ensure!(can(&cluster, &viewer, &["get", "myresources.example.com", "--subresource=status", "-n", ns])?, "status is readable");
+        ensure!(!can(&cluster, &viewer, &["create", "myresources.example.com", "-n", ns])?, "view does not write");
+        ensure!(!can(&cluster, &editor, &["patch", "myresources.example.com", "--subresource=status", "-n", ns])?, "the operator writes status");
+        ensure!(!can(&cluster, &editor, &["create", "myresources.example.com", "-n", "default"])?, "only in its namespace");
+        // No edit or admin binding, namespaced or cluster-wide, writes MessageBroadcasts.
+        for name in [&editor, &admin, &cluster_editor, &cluster_viewer] {
+            let output = cluster.kubectl_with_input(&["--as", name, "create", "--dry-run=server", "-f", "-"], Some(&broadcast))?;
+            let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+            ensure!(!output.status.success() && stderr.contains("forbidden"), "{name} created a MessageBroadcast: {stderr}");
+        }
+        // The separate role, bound cluster-wide on purpose, does.
+        let output =
+            cluster.kubectl_with_input(&["--as", &broadcaster, "create", "--dry-run=server", "-f", "-"], Some(&broadcast))?;
+        ensure!(output.status.success(), "the broadcaster: {}", String::from_utf8_lossy(&output.stderr));
+
+        // The access came from the release: uninstalled, it is gone.
+        succeeded(helm(&cluster, &["uninstall", &release, "--namespace", ns])?)?;
+        eventually(Duration::from_secs(30), "the editor to lose MyResource write with the release", || async {
+            Ok((!can(&cluster, &editor, &["create", "myresources.example.com", "-n", ns])?).then_some(()))
+        })
+        .await
+    }
+    .await;
+    for (binding, _, _) in &cluster_bindings {
+        let _ = cluster.kubectl(&["delete", "clusterrolebinding", binding, "--ignore-not-found"]);
+    }
+    let _ = helm(&cluster, &["uninstall", &release, "--namespace", ns]);
+    outcome?;
+    namespace.delete().await
+}
+
+#[test]
+fn chart_metadata_lists_both_kinds_and_the_samples_as_examples() -> Result<()> {
+    let chart_yaml: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(chart().join("Chart.yaml"))?)?;
+    let annotation = |name: &str| -> Result<Vec<serde_yaml::Value>> {
+        let text = chart_yaml["annotations"][name].as_str().context(format!("annotation {name}"))?;
+        Ok(serde_yaml::from_str(text)?)
+    };
+    // Every CRD the chart installs, with its kind, version and the description its schema has.
+    let listed = annotation("artifacthub.io/crds")?;
+    let crds = crd_types::crds();
+    ensure!(listed.len() == crds.len(), "{listed:?}");
+    for crd in &crds {
+        let name = crd.metadata.name.clone().unwrap_or_default();
+        let entry = listed.iter().find(|e| e["name"] == name.as_str()).context(format!("{name} is listed"))?;
+        let version = crd.spec.versions.first().context("a version")?;
+        let description = version
+            .schema
+            .as_ref()
+            .and_then(|s| s.open_api_v3_schema.as_ref())
+            .and_then(|s| s.description.clone())
+            .unwrap_or_default();
+        ensure!(
+            entry["kind"] == crd.spec.names.kind.as_str() && entry["version"] == version.name.as_str(),
+            "{entry:?}"
+        );
+        ensure!(entry["description"] == description.as_str(), "{name}: {entry:?} against {description:?}");
+    }
+    // The examples are the samples' custom resources, unchanged.
+    let examples = annotation("artifacthub.io/crdsExamples")?;
+    let mut samples = Vec::new();
+    for file in ["myresource.yaml", "messagebroadcast.yaml"] {
+        let text = std::fs::read_to_string(chart().join("samples").join(file))?;
+        samples.extend(documents(&text).into_iter().filter(|d| d["apiVersion"] == "example.com/v1"));
+    }
+    ensure!(examples == samples, "crdsExamples {examples:?} differ from samples/ {samples:?}");
+    ensure!(chart_yaml["annotations"]["artifacthub.io/operator"] == "true");
+    ensure!(
+        chart_yaml.get("home").is_none() && chart_yaml.get("sources").is_none(),
+        "no address the project does not have"
+    );
     Ok(())
 }

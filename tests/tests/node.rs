@@ -532,3 +532,108 @@ async fn the_pods_run_with_exactly_the_charts_rbac_and_each_rule_is_needed() -> 
     }
     release.uninstall()
 }
+
+/// The kinds and names of what a release installed (`helm get manifest`).
+fn release_objects(f: &Fixture, release: &str) -> Result<Vec<(String, String)>> {
+    let manifest = succeeded(helm(f, &["get", "manifest", release, "--namespace", f.ns()], &[])?)?;
+    Ok(manifest
+        .split("\n---")
+        .filter_map(|doc| serde_yaml::from_str::<serde_yaml::Value>(doc).ok())
+        .filter(|doc| !doc.is_null())
+        .map(|doc| {
+            let text = |v: &serde_yaml::Value| v.as_str().unwrap_or_default().to_owned();
+            (text(&doc["kind"]), text(&doc["metadata"]["name"]))
+        })
+        .collect())
+}
+
+/// Namespaced mode, as a team without cluster-wide rights would run it: the release's RBAC is a
+/// Role in the watched namespace and nothing cluster-wide, and a MyResource there converges.
+/// Enabling MessageBroadcasts (cluster-scoped) adds only their narrow ClusterRole, and a
+/// broadcast reaches the watched namespace through it.
+#[tokio::test]
+async fn in_namespaced_mode_the_operator_converges_its_namespace_with_no_cluster_wide_rbac() -> Result<()> {
+    const SCOPED_RELEASE: &str = "scoped";
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let f = Fixture::new("node-scoped").await?;
+    let watched = TestNamespace::create(&f.client, "node-scoped-watched").await?;
+    let mut values = values()?;
+    values.extend(
+        [
+            "replicaCount=1".to_owned(),
+            // Secure metrics asks the API server about callers (cluster-wide reviews).
+            "metrics.secure=false".to_owned(),
+            format!("watchNamespace={}", watched.name),
+        ]
+        .into_iter(),
+    );
+    let mut only_my_resources = values.clone();
+    only_my_resources.push("controllers.enabled={myresource}".to_owned());
+    let release = Release::install(&f, SCOPED_RELEASE, &[], &only_my_resources)?;
+
+    let objects = release_objects(&f, SCOPED_RELEASE)?;
+    ensure!(
+        !objects.iter().any(|(kind, _)| kind == "ClusterRole" || kind == "ClusterRoleBinding"),
+        "nothing cluster-wide: {objects:?}"
+    );
+    let role = Api::<Role>::namespaced(f.client.clone(), &watched.name).get_opt("scoped-example-operator").await?;
+    ensure!(role.is_some(), "the Role is in the watched namespace");
+    eventually(Duration::from_secs(120), "the Pod to be Ready", || async {
+        Ok((ready_pods(&f, SCOPED_RELEASE).await?.len() == 1).then_some(()))
+    })
+    .await?;
+
+    let resources: Api<MyResource> = Api::namespaced(f.client.clone(), &watched.name);
+    let config_maps: Api<ConfigMap> = Api::namespaced(f.client.clone(), &watched.name);
+    let resource = MyResource::new("scoped", MyResourceSpec { message: "only here".into() });
+    resources.create(&PostParams::default(), &resource).await?;
+    eventually(Duration::from_secs(60), "the watched namespace's MyResource Ready with its ConfigMap", || async {
+        let phase = resources.get("scoped").await?.status.and_then(|s| s.phase);
+        let message = config_maps.get_opt("scoped-configmap").await?.and_then(|cm| cm.data?.get("message").cloned());
+        Ok((phase == Some(Phase::Ready) && message.as_deref() == Some("only here")).then_some(()))
+    })
+    .await?;
+
+    // Both controllers: the release gains the broadcasts' ClusterRole (and no other), and a
+    // broadcast selecting the watched namespace puts its copy there.
+    succeeded(helm(&f, &["upgrade", SCOPED_RELEASE, &chart(), "--namespace", f.ns()], &values)?)?;
+    let objects = release_objects(&f, SCOPED_RELEASE)?;
+    let cluster_wide: Vec<&str> =
+        objects.iter().filter(|(kind, _)| kind.starts_with("Cluster")).map(|(_, name)| name.as_str()).collect();
+    ensure!(
+        cluster_wide == ["scoped-example-operator-messagebroadcasts", "scoped-example-operator-messagebroadcasts"],
+        "one ClusterRole and its binding: {objects:?}"
+    );
+    let deployments: Api<Deployment> = Api::namespaced(f.client.clone(), f.ns());
+    eventually(Duration::from_secs(120), "the upgraded Pod to be Ready", || async {
+        let deployment = deployments.get("scoped-example-operator").await?;
+        let status = deployment.status.unwrap_or_default();
+        let done = status.observed_generation == deployment.metadata.generation
+            && status.updated_replicas == Some(1)
+            && status.ready_replicas == Some(1)
+            && status.replicas == Some(1);
+        Ok(done.then_some(()))
+    })
+    .await?;
+    let key = format!("example.com/{}", watched.name);
+    let labelled = json!({"metadata": {"labels": {&key: "yes"}}});
+    Api::<Namespace>::all(f.client.clone())
+        .patch(&watched.name, &PatchParams::default(), &Patch::Merge(labelled))
+        .await?;
+    let broadcasts: Api<MessageBroadcast> = Api::all(f.client.clone());
+    let selector = LabelSelector { match_labels: Some([(key, "yes".to_owned())].into()), match_expressions: None };
+    let spec =
+        MessageBroadcastSpec { message: "to the team".into(), namespace_selector: selector, config_map_name: None };
+    broadcasts.create(&PostParams::default(), &MessageBroadcast::new(&watched.name, spec)).await?;
+    let outcome = eventually(Duration::from_secs(60), "the broadcast's copy in the watched namespace", || async {
+        let status = broadcasts.get(&watched.name).await?.status.unwrap_or_default();
+        let copy = config_maps.get_opt(&watched.name).await?.and_then(|cm| cm.data?.get("message").cloned());
+        Ok((status.ready_namespaces == 1 && copy.as_deref() == Some("to the team")).then_some(()))
+    })
+    .await;
+    // The broadcast is cluster-scoped: it goes whatever happened.
+    broadcasts.delete(&watched.name, &DeleteParams::default()).await?;
+    outcome?;
+    release.uninstall()?;
+    watched.delete().await
+}
