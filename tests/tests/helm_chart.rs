@@ -81,6 +81,8 @@ async fn the_chart_lints_clean_and_every_manifest_passes_server_side_validation(
             "serviceMonitor.enabled=true",
             "--set",
             "prometheusRule.enabled=true",
+            "--set",
+            "dashboards.enabled=true",
         ],
     )?)?;
     for kind in [
@@ -96,6 +98,7 @@ async fn the_chart_lints_clean_and_every_manifest_passes_server_side_validation(
         "CustomResourceDefinition",
         "ServiceMonitor",
         "PrometheusRule",
+        "ConfigMap",
     ] {
         ensure!(rendered.contains(&format!("kind: {kind}\n")), "{kind} is rendered");
     }
