@@ -593,6 +593,22 @@ async fn in_namespaced_mode_the_operator_converges_its_namespace_with_no_cluster
         Ok((phase == Some(Phase::Ready) && message.as_deref() == Some("only here")).then_some(()))
     })
     .await?;
+    // By this release's Pod (not another operator on the cluster): its event names it.
+    let by_this_release = |namespace: &str, regarding: &str| {
+        let events: Api<Event> = Api::namespaced(f.client.clone(), namespace);
+        let regarding = regarding.to_owned();
+        async move {
+            let listed = events.list(&ListParams::default()).await?.items;
+            Ok::<_, anyhow::Error>(listed.iter().any(|event| {
+                event.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(regarding.as_str())
+                    && event.reporting_instance.as_deref().is_some_and(|i| i.starts_with("scoped-example-operator-"))
+            }))
+        }
+    };
+    eventually(Duration::from_secs(30), "the Pod's event about the MyResource", || async {
+        Ok(by_this_release(&watched.name, "scoped").await?.then_some(()))
+    })
+    .await?;
 
     // Both controllers: the release gains the broadcasts' ClusterRole (and no other), and a
     // broadcast selecting the watched namespace puts its copy there.
@@ -631,6 +647,16 @@ async fn in_namespaced_mode_the_operator_converges_its_namespace_with_no_cluster
         Ok((status.ready_namespaces == 1 && copy.as_deref() == Some("to the team")).then_some(()))
     })
     .await;
+    // Events about a cluster-scoped broadcast go to `default`, through the release's Role there.
+    let outcome = match outcome {
+        Ok(()) => {
+            eventually(Duration::from_secs(30), "the Pod's event about the broadcast in default", || async {
+                Ok(by_this_release("default", &watched.name).await?.then_some(()))
+            })
+            .await
+        }
+        Err(error) => Err(error),
+    };
     // The broadcast is cluster-scoped: it goes whatever happened.
     broadcasts.delete(&watched.name, &DeleteParams::default()).await?;
     outcome?;
