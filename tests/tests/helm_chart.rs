@@ -55,13 +55,16 @@ async fn the_chart_lints_clean_and_every_manifest_passes_server_side_validation(
         .await?;
     // Admission looks up the Pods' ServiceAccount. kube-controller-manager creates `default` in
     // every namespace when the node runs; without it (`--no-node`), the test creates it.
+    // The `helm test` Pod runs as the release's ServiceAccount, which a dry run does not create.
     let accounts: Api<k8s_openapi::api::core::v1::ServiceAccount> = Api::namespaced(client.clone(), &namespace.name);
-    if accounts.get_opt("default").await?.is_none() {
-        let account = serde_json::from_value(json!({"metadata": {"name": "default"}}))?;
-        match accounts.create(&PostParams::default(), &account).await {
-            Ok(_) => {}
-            Err(kube::Error::Api(status)) if status.code == 409 => {}
-            Err(error) => return Err(error.into()),
+    for name in ["default", "render-example-operator"] {
+        if accounts.get_opt(name).await?.is_none() {
+            let account = serde_json::from_value(json!({"metadata": {"name": name}}))?;
+            match accounts.create(&PostParams::default(), &account).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(status)) if status.code == 409 => {}
+                Err(error) => return Err(error.into()),
+            }
         }
     }
     let rendered = succeeded(helm(
