@@ -4,7 +4,7 @@
 //! - `chart-docs [--check]`: the chart's README from Chart.yaml and values.yaml.
 //! - `cluster up | down | status | env`: the local control plane of real Kubernetes binaries.
 //! - `demo`: the main job: control plane, CRDs, operator, samples.
-//! - `bench`: the benchmarks, as ratios measured in one run.
+//! - `bench`: the benchmarks, as medians of interleaved rounds on a private control plane.
 //! - `test`: every test, end-to-end ones included, against that control plane.
 
 mod bench;
@@ -55,12 +55,18 @@ enum Command {
         #[arg(long)]
         once: bool,
     },
-    /// Run the benchmarks against the local control plane; prints a table and writes
-    /// target/bench/results.json.
+    /// Run the benchmarks on a private control plane (started and stopped by the run): interleaved
+    /// rounds, medians with min–max; prints a table and writes target/bench/results.json.
     Bench {
         /// MyResources to converge (SPEC: 1,000 by default, 10,000 for the large run).
         #[arg(long, default_value_t = 1000)]
         objects: usize,
+        /// Interleaved rounds; every figure is their median (the table says when fewer than 5).
+        #[arg(long, default_value_t = bench::DEFAULT_ROUNDS)]
+        rounds: usize,
+        /// Namespaces of the 64 KiB broadcast fan-out (reduce only for a smoke run).
+        #[arg(long, default_value_t = bench::FANOUT_NAMESPACES)]
+        fanout_namespaces: usize,
     },
     /// Build the operator's OCI image without Docker, write it to target/image/, load it into
     /// the local node, and print its reference for the chart's image.repository and image.tag.
@@ -174,7 +180,9 @@ fn main() -> Result<()> {
             }
         },
         Command::Demo { once } => demo::run(&root, once),
-        Command::Bench { objects } => bench::run(&root, objects),
+        Command::Bench { objects, rounds, fanout_namespaces } => {
+            bench::run(&root, &bench::Options { objects, rounds, fanout_namespaces })
+        }
         Command::Image { debug } => {
             println!("{}", image::run(&root, debug)?);
             Ok(())

@@ -1,7 +1,9 @@
 // Command peer is the MyResource controller written the way a kubebuilder project writes it, with
-// controller-runtime: For(MyResource), Owns(ConfigMap), the default cache, CreateOrUpdate and a
-// status update. `cargo xtask bench` runs it against the same cluster as the Rust operator to
-// compare convergence time and memory. It is a benchmark peer, not part of the product.
+// controller-runtime: For(MyResource), Owns(ConfigMap), the default cache, CreateOrUpdate, a
+// Normal event through the manager's events.k8s.io recorder when it creates or updates the
+// ConfigMap (the operator's reason, action and note), and a status update. `cargo xtask bench`
+// runs it against the same cluster as the Rust operator to compare convergence time, requests
+// and memory. It is a benchmark peer, not part of the product.
 package main
 
 import (
@@ -22,6 +24,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/controller/controllerutil"
 	"sigs.k8s.io/controller-runtime/pkg/log/zap"
 	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
+	"sigs.k8s.io/controller-runtime/pkg/recorder"
 )
 
 var myResourceGVK = schema.GroupVersionKind{Group: "example.com", Version: "v1", Kind: "MyResource"}
@@ -35,6 +38,7 @@ func newMyResource() *unstructured.Unstructured {
 // MyResourceReconciler keeps <name>-configmap holding spec.message and reports Ready.
 type MyResourceReconciler struct {
 	client.Client
+	Recorder recorder.EventRecorder
 }
 
 func (r *MyResourceReconciler) Reconcile(ctx context.Context, req ctrl.Request) (ctrl.Result, error) {
@@ -44,15 +48,27 @@ func (r *MyResourceReconciler) Reconcile(ctx context.Context, req ctrl.Request) 
 	}
 	message, _, _ := unstructured.NestedString(resource.Object, "spec", "message")
 	cm := &corev1.ConfigMap{ObjectMeta: metav1.ObjectMeta{Name: req.Name + "-configmap", Namespace: req.Namespace}}
-	if _, err := controllerutil.CreateOrUpdate(ctx, r.Client, cm, func() error {
+	result, err := controllerutil.CreateOrUpdate(ctx, r.Client, cm, func() error {
 		if cm.Labels == nil {
 			cm.Labels = map[string]string{}
 		}
 		cm.Labels["app.kubernetes.io/managed-by"] = "example-operator-peer"
 		cm.Data = map[string]string{"message": message}
 		return controllerutil.SetControllerReference(resource, cm, r.Scheme())
-	}); err != nil {
+	})
+	if err != nil {
 		return ctrl.Result{}, err
+	}
+	// The operator's event for the same write: reason ConfigMap<Verb>, action <Verb>.
+	var verb string
+	switch result {
+	case controllerutil.OperationResultCreated:
+		verb = "Created"
+	case controllerutil.OperationResultUpdated:
+		verb = "Updated"
+	}
+	if verb != "" {
+		r.Recorder.Eventf(resource, nil, corev1.EventTypeNormal, "ConfigMap"+verb, verb, "%s ConfigMap %s", verb, cm.Name)
 	}
 	generation := resource.GetGeneration()
 	observed, _, _ := unstructured.NestedInt64(resource.Object, "status", "observedGeneration")
@@ -83,7 +99,9 @@ func main() {
 	var concurrency int
 	var namespace string
 	flag.IntVar(&concurrency, "concurrency", 4, "MaxConcurrentReconciles")
+	var userAgent string
 	flag.StringVar(&namespace, "namespace", "", "watch only this namespace")
+	flag.StringVar(&userAgent, "user-agent", "", "User-Agent of every request (the benchmark counts requests by it)")
 	flag.Parse()
 	ctrl.SetLogger(zap.New(zap.UseDevMode(false)))
 
@@ -91,7 +109,11 @@ func main() {
 	if namespace != "" {
 		options.Cache.DefaultNamespaces = map[string]cache.Config{namespace: {}}
 	}
-	mgr, err := ctrl.NewManager(ctrl.GetConfigOrDie(), options)
+	config := ctrl.GetConfigOrDie()
+	if userAgent != "" {
+		config.UserAgent = userAgent
+	}
+	mgr, err := ctrl.NewManager(config, options)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "creating manager:", err)
 		os.Exit(1)
@@ -100,7 +122,7 @@ func main() {
 		For(newMyResource()).
 		Owns(&corev1.ConfigMap{}).
 		WithOptions(controller.Options{MaxConcurrentReconciles: concurrency}).
-		Complete(&MyResourceReconciler{Client: mgr.GetClient()})
+		Complete(&MyResourceReconciler{Client: mgr.GetClient(), Recorder: mgr.GetEventRecorder("example-operator-peer")})
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "creating controller:", err)
 		os.Exit(1)

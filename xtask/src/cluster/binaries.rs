@@ -15,6 +15,8 @@ struct GoModule {
     pinned: &'static str,
     /// `(binary name, Go package)` pairs.
     binaries: &'static [(&'static str, &'static str)],
+    /// Source files of the module's own (not just pins) that key the build too.
+    sources: &'static [&'static str],
 }
 
 const KUBERNETES: GoModule = GoModule {
@@ -28,26 +30,37 @@ const KUBERNETES: GoModule = GoModule {
         ("kube-scheduler", "k8s.io/kubernetes/cmd/kube-scheduler"),
         ("kubectl", "k8s.io/kubernetes/cmd/kubectl"),
     ],
+    sources: &[],
 };
 
-const ETCD: GoModule =
-    GoModule { dir: "etcd", pinned: "go.etcd.io/etcd/server/v3", binaries: &[("etcd", "go.etcd.io/etcd/server/v3")] };
+const ETCD: GoModule = GoModule {
+    dir: "etcd",
+    pinned: "go.etcd.io/etcd/server/v3",
+    binaries: &[("etcd", "go.etcd.io/etcd/server/v3")],
+    sources: &[],
+};
 
 /// The controller-runtime peer of the benchmarks (`xtask/bench/peer`).
 const PEER: GoModule = GoModule {
     dir: "../bench/peer",
     pinned: "sigs.k8s.io/controller-runtime",
     binaries: &[("peer", "example-operator/bench/peer")],
+    sources: &["main.go"],
 };
 
-const HELM: GoModule =
-    GoModule { dir: "helm", pinned: "helm.sh/helm/v3", binaries: &[("helm", "helm.sh/helm/v3/cmd/helm")] };
+const HELM: GoModule = GoModule {
+    dir: "helm",
+    pinned: "helm.sh/helm/v3",
+    binaries: &[("helm", "helm.sh/helm/v3/cmd/helm")],
+    sources: &[],
+};
 
 /// controller-gen, which writes the Prometheus Operator's CRDs from its Go types (`monitoring.rs`).
 const CONTROLLER_GEN: GoModule = GoModule {
     dir: "monitoring",
     pinned: "sigs.k8s.io/controller-tools",
     binaries: &[("controller-gen", "sigs.k8s.io/controller-tools/cmd/controller-gen")],
+    sources: &[],
 };
 
 /// Paths of every binary the local control plane and the tests use.
@@ -184,7 +197,13 @@ fn build_module(
         .with_context(|| format!("{}/go.mod does not require {}", module_dir.display(), module.pinned))?;
     let flags = ldflags(&go_mod, &version)?;
     let name = module.dir.rsplit('/').next().unwrap_or(module.dir);
-    let target = cache.join(format!("{name}-{version}-{}", fingerprint(&[&go_mod, &go_sum, &flags])));
+    let mut keyed = vec![go_mod.clone(), go_sum, flags.clone()];
+    for source in module.sources {
+        let path = module_dir.join(source);
+        keyed.push(std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?);
+    }
+    let keyed: Vec<&str> = keyed.iter().map(String::as_str).collect();
+    let target = cache.join(format!("{name}-{version}-{}", fingerprint(&keyed)));
     if module.binaries.iter().all(|(name, _)| target.join(name).is_file()) {
         return Ok((target, version));
     }

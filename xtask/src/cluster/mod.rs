@@ -47,20 +47,33 @@ pub struct ClusterState {
 pub use crate::harness::CLUSTER_DIR_ENV;
 use crate::harness::{AUDIT_LOG, client_for};
 
+/// The ServiceAccount (namespace, name) the benchmarks run the operator, the controller-runtime
+/// peer and the bare client as: the audit policy records every request of this one identity, reads
+/// included, so requests per object are counted by the API server (`cargo xtask bench`).
+pub const BENCH_SERVICE_ACCOUNT: (&str, &str) = ("example-operator-bench", "bench");
+
 /// Records every write (not reads, which would swamp the log): Lease writes with their request
 /// body (who took the Lease, and when), every other write with its metadata (verb, object, user,
-/// User-Agent, receive time, response code).
-const AUDIT_POLICY: &str = r#"apiVersion: audit.k8s.io/v1
+/// User-Agent, receive time, response code). Only the benchmark identity has its reads recorded
+/// too; the tests never use it, so their log stays writes only.
+fn audit_policy() -> String {
+    let (namespace, name) = BENCH_SERVICE_ACCOUNT;
+    format!(
+        r#"apiVersion: audit.k8s.io/v1
 kind: Policy
 omitStages: ["RequestReceived"]
 rules:
+  - level: Metadata
+    users: ["system:serviceaccount:{namespace}:{name}"]
   - level: Request
-    resources: [{group: coordination.k8s.io, resources: [leases]}]
+    resources: [{{group: coordination.k8s.io, resources: [leases]}}]
     verbs: [create, update, patch, delete]
   - level: Metadata
     verbs: [create, update, patch, delete, deletecollection]
   - level: None
-"#;
+"#
+    )
+}
 
 fn state_file(root: &Path) -> PathBuf {
     root.join("target/cluster/state.json")
@@ -108,8 +121,17 @@ impl ClusterState {
         std::env::join_paths(dirs).context("building PATH")
     }
 
-    /// Stops every recorded process (API server before etcd) and removes the folder.
+    /// Stops every recorded process (API server before etcd), removes the folder and forgets the
+    /// cluster of this work tree.
     pub fn stop(&self, root: &Path) -> Result<()> {
+        self.stop_private()?;
+        let _ = std::fs::remove_file(state_file(root));
+        Ok(())
+    }
+
+    /// Stops every process of this cluster (API server before etcd) and removes its folder,
+    /// leaving the work tree's state file alone: for a cluster from [`start_private`].
+    pub fn stop_private(&self) -> Result<()> {
         if let Some(socket) = &self.containerd_socket {
             node::stop(&self.processes, socket, &self.dir);
         }
@@ -128,7 +150,6 @@ impl ClusterState {
         if self.dir.exists() {
             std::fs::remove_dir_all(&self.dir).with_context(|| format!("removing {}", self.dir.display()))?;
         }
-        let _ = std::fs::remove_file(state_file(root));
         Ok(())
     }
 }
@@ -153,6 +174,14 @@ pub fn up(root: &Path, with_node: bool) -> Result<(ClusterState, bool)> {
     state.save(root)?;
     monitoring::install(root, &state)?;
     Ok((state, true))
+}
+
+/// Starts a control plane of its own (no node) in a fresh temporary folder, not recorded as the
+/// work tree's cluster: for a caller that must neither disturb nor be disturbed by the shared one
+/// (the benchmarks). Stop it with [`ClusterState::stop_private`].
+pub fn start_private(root: &Path) -> Result<ClusterState> {
+    let binaries = binaries::ensure(root)?;
+    start(&binaries, false)
 }
 
 fn start(binaries: &Binaries, with_node: bool) -> Result<ClusterState> {
@@ -204,8 +233,9 @@ fn start(binaries: &Binaries, with_node: bool) -> Result<ClusterState> {
             // The node's bridge carries the address Pods reach the API server at.
             node::network_up()?;
         }
-        let audit_policy = dir.join("audit-policy.yaml");
-        std::fs::write(&audit_policy, AUDIT_POLICY).with_context(|| format!("writing {}", audit_policy.display()))?;
+        let audit_policy_file = dir.join("audit-policy.yaml");
+        std::fs::write(&audit_policy_file, audit_policy())
+            .with_context(|| format!("writing {}", audit_policy_file.display()))?;
         let apiserver_args = vec![
             format!("--etcd-servers={etcd_url}"),
             // With a node, Pods reach the API server on the bridge address (through the
@@ -228,7 +258,7 @@ fn start(binaries: &Binaries, with_node: bool) -> Result<ClusterState> {
             "--kubelet-preferred-address-types=InternalIP".to_owned(),
             // Every write, with who sent it (User-Agent) and when the server received it: the
             // record the tests prove "never two writers" from.
-            format!("--audit-policy-file={}", path(&audit_policy)),
+            format!("--audit-policy-file={}", path(&audit_policy_file)),
             format!("--audit-log-path={}", path(&dir.join(AUDIT_LOG))),
             "--audit-log-format=json".to_owned(),
             "--audit-log-mode=blocking".to_owned(),
@@ -506,20 +536,36 @@ pub fn start_component(root: &Path, name: &str) -> Result<()> {
 /// from an older resourceVersion get 410 Gone and must relist (fault injection).
 pub fn compact(root: &Path) -> Result<()> {
     let state = ClusterState::load(root)?.context("no local control plane is recorded")?;
+    let revision = compact_etcd(&state)?;
+    println!("compacted etcd up to revision {revision}");
+    Ok(())
+}
+
+/// Compacts etcd's history up to its current revision; returns that revision.
+pub fn compact_etcd(state: &ClusterState) -> Result<String> {
     let port = etcd_port(&state.component("etcd")?.args).context("etcd's recorded arguments name no client URL")?;
     // etcd's JSON gateway: keys are base64; "AA==" is the zero byte, a key that never exists.
     let range = etcd_post(port, "/v3/kv/range", r#"{"key":"AA=="}"#)?;
     let header: serde_json::Value = serde_json::from_str(&range).with_context(|| format!("etcd answered {range}"))?;
     let revision = header["header"]["revision"].as_str().context("etcd reported no revision")?.to_owned();
     etcd_post(port, "/v3/kv/compaction", &format!(r#"{{"revision":"{revision}","physical":true}}"#))?;
-    println!("compacted etcd up to revision {revision}");
-    Ok(())
+    Ok(revision)
+}
+
+/// Compacts etcd's history and defragments its database, so a run that follows finds etcd as
+/// small as the live objects make it (the benchmarks, between rounds). Returns the revision.
+pub fn compact_and_defragment_etcd(state: &ClusterState) -> Result<String> {
+    let revision = compact_etcd(state)?;
+    let port = etcd_port(&state.component("etcd")?.args).context("etcd's recorded arguments name no client URL")?;
+    etcd_post(port, "/v3/maintenance/defragment", "{}")?;
+    Ok(revision)
 }
 
 /// POSTs `body` to etcd's gRPC gateway and returns the response body.
 fn etcd_post(port: u16, path: &str, body: &str) -> Result<String> {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).context("connecting to etcd")?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    // Defragmenting a large database rewrites it; that takes longer than a read.
+    stream.set_read_timeout(Some(Duration::from_secs(120)))?;
     let request = format!(
         "POST {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
