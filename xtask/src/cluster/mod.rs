@@ -313,10 +313,12 @@ fn start(binaries: &Binaries, with_node: bool) -> Result<ClusterState> {
     Ok(state)
 }
 
-/// kube-controller-manager's controllers: the garbage collector and namespaces always; with a
-/// node also what Deployments, Services and Pods' service-account volumes need.
+/// kube-controller-manager's controllers: the garbage collector, namespaces and ClusterRole
+/// aggregation (the chart's user roles join `view`, `edit` and `admin`) always; with a node also
+/// what Deployments, Services and Pods' service-account volumes need.
 fn controllers(with_node: bool) -> String {
-    let mut controllers = vec!["garbage-collector-controller", "namespace-controller"];
+    let mut controllers =
+        vec!["garbage-collector-controller", "namespace-controller", "clusterrole-aggregation-controller"];
     if with_node {
         controllers.extend([
             "deployment-controller",
