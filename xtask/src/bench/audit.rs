@@ -15,6 +15,14 @@ pub struct Requests {
     pub writes: u64,
 }
 
+impl std::ops::Sub for Requests {
+    type Output = Self;
+
+    fn sub(self, earlier: Self) -> Self {
+        Self { total: self.total.saturating_sub(earlier.total), writes: self.writes.saturating_sub(earlier.writes) }
+    }
+}
+
 /// The audit events read so far, counted by User-Agent.
 pub struct Tally {
     log: PathBuf,
@@ -46,8 +54,14 @@ impl Tally {
         let Some(end) = bytes.iter().rposition(|b| *b == b'\n') else { return Ok(()) };
         for line in bytes[..end].split(|b| *b == b'\n') {
             let Ok(event) = serde_json::from_slice::<Event>(line) else { continue };
-            // A watch is recorded when its response starts and again when it ends: count it once.
-            if event.stage != "ResponseComplete" {
+            // A watch is recorded when its response starts and again when it ends: count it when
+            // it starts, while its client still runs (it may end after the client exited).
+            let counted = match event.stage.as_str() {
+                "ResponseStarted" => true,
+                "ResponseComplete" => event.verb != "watch",
+                _ => false,
+            };
+            if !counted {
                 continue;
             }
             let entry = self.by_agent.entry(event.user_agent).or_default();

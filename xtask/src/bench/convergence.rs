@@ -16,7 +16,7 @@ use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 use tokio::process::Command;
 
-use super::{Bench, CONVERGE_TIMEOUT, Process, identity};
+use super::{Bench, CONVERGE_TIMEOUT, Process, STANDALONE, identity};
 
 /// The operator's default `--concurrency myresource=N`, and the peer's.
 pub const DEFAULT_CONCURRENCY: usize = 4;
@@ -89,6 +89,7 @@ impl PhaseResult {
 pub async fn run(bench: &Bench, round: usize, phase: ConvergencePhase, namespace: &str) -> Result<PhaseResult> {
     bench.create_namespace(namespace, json!({})).await?;
     let label = format!("bench-r{round}-{}", phase.name());
+    let standalone_before = bench.audited(STANDALONE)?;
     let (seconds, peak_rss_mib) = match phase {
         ConvergencePhase::Limit(concurrency) => (limit(bench, namespace, &label, concurrency).await?, None),
         ConvergencePhase::Peer => {
@@ -112,7 +113,10 @@ pub async fn run(bench: &Bench, round: usize, phase: ConvergencePhase, namespace
             (seconds, Some(rss))
         }
     };
-    let requests = bench.audited(&label)?;
+    let requests = match phase {
+        ConvergencePhase::Operator(_) => bench.audited(STANDALONE)? - standalone_before,
+        _ => bench.audited(&label)?,
+    };
     Ok(PhaseResult { phase: phase.name(), seconds, requests: requests.total, writes: requests.writes, peak_rss_mib })
 }
 
