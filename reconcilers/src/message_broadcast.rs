@@ -210,12 +210,21 @@ async fn fan_out_copies(broadcast: &MessageBroadcast, context: &Context, fan_out
     fan_out.matched = u32::try_from(wanted.len()).unwrap_or(u32::MAX);
     let uid = broadcast.uid().ok_or(Error::MissingField("metadata.uid"))?;
     let name = broadcast.config_map_name().to_owned();
-    let desired: Vec<DesiredConfigMap> = wanted.iter().map(|ns| desired_copy(broadcast, ns)).collect::<Result<_>>()?;
+    // An invalid name or owner fails the broadcast before any write.
+    desired_copy(broadcast, "")?;
 
     let client = &context.base.client;
     let cache = &context.config_maps;
-    let outcomes: Vec<(String, Result<WriteOutcome>)> = futures::stream::iter(desired)
-        .map(|copy| async move { (copy.namespace.clone(), owned_config_map::ensure(client, cache, &copy).await) })
+    // Each copy is made when its write starts: only the writes in flight hold a copy of the
+    // message (a 64 KiB message to 2,000 namespaces would otherwise hold 125 MiB at once).
+    let outcomes: Vec<(String, Result<WriteOutcome>)> = futures::stream::iter(wanted.iter().cloned())
+        .map(|namespace: String| async move {
+            let written = match desired_copy(broadcast, &namespace) {
+                Ok(copy) => owned_config_map::ensure(client, cache, &copy).await,
+                Err(error) => Err(error),
+            };
+            (namespace, written)
+        })
         .buffer_unordered(WRITE_PARALLELISM)
         .collect()
         .await;

@@ -25,6 +25,32 @@ pub fn managed_selector() -> String {
     format!("{MANAGED_BY_LABEL}={MANAGER}")
 }
 
+/// Annotation of a cached ConfigMap whose data values were replaced by their digests
+/// ([`digest_data`]): the cache holds what reconciles compare, not a 64 KiB message per copy.
+pub const DIGESTED_ANNOTATION: &str = "example.com/cached-data-digests";
+
+/// The digest that stands in for a data value in the cache.
+fn digest(value: &str) -> String {
+    use sha2::Digest;
+    format!("sha256:{:x}", sha2::Sha256::digest(value.as_bytes()))
+}
+
+/// Replaces every data value of a ConfigMap about to be cached by its digest, and binary data by
+/// nothing (only its presence is compared); marks it with [`DIGESTED_ANNOTATION`].
+pub fn digest_data(config_map: &mut ConfigMap) {
+    for value in config_map.data.iter_mut().flat_map(|data| data.values_mut()) {
+        *value = digest(value);
+    }
+    for value in config_map.binary_data.iter_mut().flat_map(|data| data.values_mut()) {
+        value.0.clear();
+    }
+    config_map
+        .metadata
+        .annotations
+        .get_or_insert_with(BTreeMap::new)
+        .insert(DIGESTED_ANNOTATION.into(), "sha256".into());
+}
+
 /// A ConfigMap as a controller wants it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct DesiredConfigMap {
@@ -82,7 +108,14 @@ impl DesiredConfigMap {
     /// True when `existing` needs no write: ours, labelled, and holding exactly the desired data.
     pub fn is_satisfied_by(&self, existing: &ConfigMap) -> bool {
         let labelled = existing.labels().get(MANAGED_BY_LABEL).map(String::as_str) == Some(MANAGER);
-        let data_matches = existing.data.as_ref().unwrap_or(&BTreeMap::new()) == &self.data;
+        let empty = BTreeMap::new();
+        let data = existing.data.as_ref().unwrap_or(&empty);
+        // A cached copy holds digests; one read from the API server holds the values.
+        let digested = existing.annotations().contains_key(DIGESTED_ANNOTATION);
+        let data_matches = data.len() == self.data.len()
+            && self.data.iter().all(|(key, wanted)| {
+                data.get(key).is_some_and(|held| if digested { *held == digest(wanted) } else { held == wanted })
+            });
         let no_binary = existing.binary_data.as_ref().is_none_or(BTreeMap::is_empty);
         self.is_owner_of(existing) && labelled && data_matches && no_binary
     }
@@ -233,6 +266,30 @@ mod tests {
         let mut foreign = wanted.to_config_map();
         foreign.metadata.owner_references = None;
         assert!(!wanted.is_owner_of(&foreign));
+    }
+
+    #[test]
+    fn a_cached_copy_holds_digests_and_still_tells_drift() {
+        let wanted =
+            DesiredConfigMap { data: BTreeMap::from([("message".to_owned(), "x".repeat(64 * 1024))]), ..desired() };
+        let mut cached = wanted.to_config_map();
+        digest_data(&mut cached);
+        let held = cached.data.as_ref().and_then(|d| d.get("message")).map(String::len);
+        assert!(held.is_some_and(|len| len < 100), "a digest, not the value: {held:?}");
+        assert!(wanted.is_satisfied_by(&cached));
+
+        let mut edited = wanted.to_config_map();
+        edited.data = Some(BTreeMap::from([("message".to_owned(), "edited".to_owned())]));
+        digest_data(&mut edited);
+        assert!(!wanted.is_satisfied_by(&edited));
+        // A value that happens to be the digest text is not taken for a digest when read directly.
+        let mut literal = wanted.to_config_map();
+        literal.data = cached.data.clone();
+        assert!(!wanted.is_satisfied_by(&literal));
+        let mut binary = wanted.to_config_map();
+        binary.binary_data = Some(BTreeMap::from([("b".to_owned(), k8s_openapi::ByteString(vec![1]))]));
+        digest_data(&mut binary);
+        assert!(!wanted.is_satisfied_by(&binary), "binary data is drift, digested or not");
     }
 
     #[test]

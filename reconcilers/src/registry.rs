@@ -140,6 +140,12 @@ impl Cached for ConfigMap {
         let config = watcher::Config::default().labels(&owned_config_map::managed_selector()).any_semantic();
         (scoped(client, scope), config)
     }
+
+    /// Data values become digests: reconciles only compare them.
+    fn strip(&mut self) {
+        strip_metadata(self);
+        owned_config_map::digest_data(self);
+    }
 }
 
 impl Cached for MyResource {

@@ -159,6 +159,14 @@ pub fn crd_files() -> Result<Vec<PathBuf>> {
     Ok(files)
 }
 
+/// True once the API server serves the CRD's kind.
+fn established(crd: &CustomResourceDefinition) -> bool {
+    crd.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|conditions| conditions.iter().any(|c| c.type_ == "Established" && c.status == "True"))
+}
+
 /// Applies the chart's CRDs (server-side, idempotent, so parallel tests may all call it) and
 /// waits until every one is Established.
 pub async fn install_crds(client: &Client) -> Result<Vec<String>> {
@@ -176,14 +184,7 @@ pub async fn install_crds(client: &Client) -> Result<Vec<String>> {
     }
     for name in &names {
         eventually(Duration::from_secs(30), &format!("CRD {name} to be Established"), || async {
-            let crd = crds.get(name).await?;
-            let established = crd
-                .status
-                .and_then(|s| s.conditions)
-                .unwrap_or_default()
-                .iter()
-                .any(|c| c.type_ == "Established" && c.status == "True");
-            Ok(established.then_some(()))
+            Ok(established(&crds.get(name).await?).then_some(()))
         })
         .await?;
     }
@@ -203,13 +204,7 @@ pub async fn require_monitoring_crds(client: &Client) -> Result<()> {
         let crd = crds.get_opt(name).await?.with_context(|| {
             format!("CRD {name} is not installed: run `cargo xtask cluster up` (it installs the monitoring CRDs)")
         })?;
-        let established = crd
-            .status
-            .and_then(|s| s.conditions)
-            .unwrap_or_default()
-            .iter()
-            .any(|c| c.type_ == "Established" && c.status == "True");
-        anyhow::ensure!(established, "CRD {name} is not Established");
+        anyhow::ensure!(established(&crd), "CRD {name} is not Established");
     }
     Ok(())
 }

@@ -3,7 +3,7 @@
 //! metrics-reader ClusterRole is not bound to, and 200 to one it is; probes need no token, on a
 //! shared port too; a mounted certificate is served and replaced when its files change.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
@@ -11,7 +11,7 @@ use e2e_tests::{Fixture, eventually, helm, stdout_of, succeeded};
 use operator::check::{Answer, Request, get};
 
 fn chart() -> String {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../charts/example-operator").display().to_string()
+    e2e_tests::chart_dir().display().to_string()
 }
 
 /// A token of ServiceAccount `name` (created if missing) from the TokenRequest API.
