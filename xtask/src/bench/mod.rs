@@ -2,7 +2,9 @@
 //! run, stopped after it) so nothing else shares the API server. Every figure is the median of
 //! several interleaved rounds with the phase order rotated, each round on fresh namespaces and a
 //! compacted, defragmented etcd; requests are counted by the API server's audit log, not by the
-//! clients. Prints a table with medians and spreads and writes `target/bench/results.json`.
+//! clients. Prints a table with medians and spreads and writes `target/bench/results.json`
+//! (`results-<objects>.json` for another size), rewritten after every round so an interrupted run
+//! keeps the rounds it finished.
 
 mod audit;
 mod convergence;
@@ -69,6 +71,7 @@ pub fn run(root: &Path, options: &Options) -> Result<()> {
         install_crds(root, &state.admin_kubeconfig)?;
         let kubeconfig = identity::ensure(&admin, &state).await?;
         let bench = Bench {
+            results: results_path(root, options.objects),
             admin,
             kubeconfig,
             operator,
@@ -86,12 +89,17 @@ pub fn run(root: &Path, options: &Options) -> Result<()> {
     let rounds = outcome?;
     let report = report::Report::new(options, rounds);
     report.print();
-    let dir = crate::target_dir(root).join("bench");
-    std::fs::create_dir_all(&dir)?;
-    let path = dir.join("results.json");
-    std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
+    let path = results_path(root, options.objects);
+    report.write(&path)?;
     println!("\nwrote {}", path.display());
     Ok(())
+}
+
+/// `target/bench/results.json` for the default size, `results-<objects>.json` for another, so the
+/// 10,000-object run does not replace the 1,000-object one.
+fn results_path(root: &Path, objects: usize) -> PathBuf {
+    let dir = crate::target_dir(root).join("bench");
+    if objects == 1000 { dir.join("results.json") } else { dir.join(format!("results-{objects}.json")) }
 }
 
 fn install_crds(root: &Path, kubeconfig: &Path) -> Result<()> {
@@ -118,7 +126,7 @@ fn install_crds(root: &Path, kubeconfig: &Path) -> Result<()> {
 }
 
 /// Everything one round measured.
-#[derive(Debug, Default, serde::Serialize)]
+#[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct Round {
     pub round: usize,
     /// The convergence phases in the order they ran.
@@ -142,27 +150,29 @@ struct Bench {
     state: ClusterState,
     options: Options,
     audit: Mutex<audit::Tally>,
+    /// Where the report so far is written after each round.
+    results: PathBuf,
 }
 
 impl Bench {
+    /// Runs every round. Nothing is cleaned up after the last one: the private control plane is
+    /// stopped right after (deleting 2,000 namespaces first took minutes for nothing).
     async fn all_rounds(&self) -> Result<Vec<Round>> {
         let fanout = scenarios::FanOut::create_namespaces(self).await?;
         let mut rounds = Vec::new();
         for round in 1..=self.options.rounds {
             eprintln!("\n== round {round} of {} ==", self.options.rounds);
             let started = Instant::now();
-            let result = self.round(round, &fanout).await;
-            match result {
-                Ok(result) => rounds.push(result),
-                Err(error) => {
-                    let _ = fanout.delete(self).await;
-                    return Err(error.context(format!("round {round}")));
-                }
+            rounds.push(self.round(round, &fanout).await.with_context(|| format!("round {round}"))?);
+            let partial = report::Report::new(&self.options, rounds.clone());
+            if let Err(error) = partial.write(&self.results) {
+                eprintln!("  writing the rounds so far to {}: {error:#}", self.results.display());
             }
-            self.between_rounds().await?;
+            if round < self.options.rounds {
+                self.between_rounds().await?;
+            }
             eprintln!("round {round} took {:.0} s", started.elapsed().as_secs_f64());
         }
-        fanout.delete(self).await?;
         Ok(rounds)
     }
 

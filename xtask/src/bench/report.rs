@@ -281,6 +281,15 @@ impl Report {
         }
     }
 
+    /// Writes the report as JSON to `path`, creating its folder.
+    pub fn write(&self, path: &std::path::Path) -> anyhow::Result<()> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        std::fs::write(path, serde_json::to_string_pretty(self)?)?;
+        Ok(())
+    }
+
     pub fn print(&self) {
         let m = &self.machine;
         println!(

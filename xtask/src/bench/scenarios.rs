@@ -178,7 +178,8 @@ async fn wait_for_metric(operator: &Process, timeout: Duration, what: &str, done
     }
 }
 
-/// The fan-out's namespaces, created once per run (thousands take minutes) and deleted at its end.
+/// The fan-out's namespaces, created once per run (thousands take minutes) and left to the private
+/// control plane's end.
 pub struct FanOut {
     pub namespaces: Vec<String>,
 }
@@ -197,11 +198,6 @@ impl FanOut {
             .try_collect::<Vec<()>>()
             .await?;
         Ok(Self { namespaces })
-    }
-
-    pub async fn delete(&self, bench: &Bench) -> Result<()> {
-        eprintln!("deleting the {} fan-out namespaces", self.namespaces.len());
-        bench.delete_namespaces(&self.namespaces).await
     }
 
     /// A fresh operator (broadcasts only, cluster-wide) copies a 64 KiB message into every
