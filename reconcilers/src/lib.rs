@@ -104,6 +104,7 @@ impl Caches {
             metrics,
             instance: settings.instance.clone(),
             reconcile_timeout: settings.reconcile_timeout,
+            scope: settings.watch_namespace.clone(),
         };
         let controllers = CONTROLLERS
             .iter()

@@ -10,7 +10,7 @@ use std::time::Duration;
 use crd_types::{ConditionStatus, MessageBroadcast, MessageBroadcastStatus};
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
-use kube::api::Api;
+use kube::api::{Api, ListParams};
 use kube::core::{Selector, SelectorExt};
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::{ObjectRef, Store};
@@ -46,17 +46,25 @@ pub struct Context {
     pub broadcasts: Store<MessageBroadcast>,
     /// Where each broadcast (by uid) is known to have a copy: (namespace, name).
     pub known: KnownCopies,
+    /// `--watch-namespace`, where copies may be.
+    pub scope: Option<String>,
 }
 
 /// The copies this controller wrote or saw, per broadcast uid. The ConfigMap cache holds only
 /// labelled copies: one whose label was removed drops out of it, and without this record a copy
-/// in a namespace that also stopped matching would never be found again.
+/// in a namespace that also stopped matching would never be found again. A broadcast seen for the
+/// first time by this process is looked up on the API server once ([`seed_known`]), so copies an
+/// earlier process wrote, and whose label went while no operator ran, are found as well.
 #[derive(Debug, Default)]
 pub struct KnownCopies(std::sync::Mutex<HashMap<String, BTreeSet<(String, String)>>>);
 
 impl KnownCopies {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, BTreeSet<(String, String)>>> {
         self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn knows(&self, uid: &str) -> bool {
+        self.lock().contains_key(uid)
     }
 
     fn of(&self, uid: &str) -> BTreeSet<(String, String)> {
@@ -279,6 +287,15 @@ async fn fan_out_copies(broadcast: &MessageBroadcast, context: &Context, fan_out
         .map(|cm| (cm.namespace().unwrap_or_default(), cm.name_any()))
         .collect();
     let unwanted = |(namespace, copy): &(String, String)| !wanted.contains(namespace) || *copy != name;
+    if !context.known.knows(&uid) {
+        match seed_known(context, &uid, &name).await {
+            Ok(found) => context.known.set(&uid, found, &context.broadcasts),
+            // Read again on the retry: the broadcast stays unknown until a lookup succeeds.
+            Err(error) => {
+                first_error.get_or_insert(error);
+            }
+        }
+    }
     let lost: Vec<(String, String)> =
         context.known.of(&uid).into_iter().filter(|known| unwanted(known) && !cached.contains(known)).collect();
     let found = futures::stream::iter(lost)
@@ -316,8 +333,35 @@ async fn fan_out_copies(broadcast: &MessageBroadcast, context: &Context, fan_out
         // A failed read or delete is tried again on the retry.
         known.extend(context.known.of(&uid).into_iter().filter(unwanted));
     }
-    context.known.set(&uid, known, &context.broadcasts);
+    if context.known.knows(&uid) {
+        context.known.set(&uid, known, &context.broadcasts);
+    }
     first_error.map_or(Ok(()), Err)
+}
+
+/// Copies of the broadcast `uid` named `name` in the operator's namespaces, read from the API
+/// server (metadata only, by name, a page at a time): the ones the cache does not hold because
+/// their label is gone. Done once per broadcast and process.
+async fn seed_known(context: &Context, uid: &str, name: &str) -> Result<BTreeSet<(String, String)>> {
+    let api: Api<ConfigMap> = match &context.scope {
+        Some(namespace) => Api::namespaced(context.base.client.clone(), namespace),
+        None => Api::all(context.base.client.clone()),
+    };
+    let mut params = ListParams::default().fields(&format!("metadata.name={name}")).limit(500);
+    let mut found = BTreeSet::new();
+    loop {
+        let page = api.list_metadata(&params).await?;
+        found.extend(
+            page.items
+                .iter()
+                .filter(|copy| controller_uid(&copy.metadata) == Some(uid))
+                .map(|copy| (copy.namespace().unwrap_or_default(), copy.name_any())),
+        );
+        match page.metadata.continue_ {
+            Some(token) if !token.is_empty() => params = params.continue_token(&token),
+            _ => return Ok(found),
+        }
+    }
 }
 
 /// The broadcast controlling a ConfigMap copy, if any.
@@ -363,6 +407,7 @@ fn build(caches: &mut CacheSet, env: &ControllerEnv) -> Built {
         namespaces: namespaces.store(),
         broadcasts: broadcasts.store(),
         known: KnownCopies::default(),
+        scope: env.scope.clone(),
     });
     let (broadcast_store, config_map_store) = (broadcasts.store(), config_maps.store());
     Controller::new(context.clone(), context.base.clone(), &broadcasts)

@@ -57,6 +57,8 @@ pub struct ControllerEnv {
     /// This replica's name, shown in events.
     pub instance: Option<String>,
     pub reconcile_timeout: Duration,
+    /// `--watch-namespace`: the one namespace the operator works in, or all of them.
+    pub scope: Option<String>,
 }
 
 impl ControllerEnv {

@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 use crd_types::{ConditionStatus, MessageBroadcast, MessageBroadcastSpec};
 use e2e_tests::{RunningControllers, TestCluster, TestNamespace, eventually, install_crds};
+use k8s_openapi::api::admissionregistration::v1::ValidatingWebhookConfiguration;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
@@ -385,6 +386,40 @@ async fn a_copy_that_lost_its_label_is_deleted_when_its_namespace_stops_matching
     home.delete().await
 }
 
+#[tokio::test]
+async fn a_copy_that_lost_its_label_while_no_operator_ran_is_deleted_after_a_restart() -> Result<()> {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let cluster = TestCluster::get()?;
+    let client = cluster.admin_client().await?;
+    install_crds(&client).await?;
+    let key = "e2e.example.com/restarted";
+    let audience = unique("restart");
+    let home = TestNamespace::create(&client, "mb-restart").await?;
+    label_namespace(&client, &home.name, key, Some(&audience)).await?;
+    let controllers = start_broadcast_controller(&cluster).await?;
+    let name = unique("restart");
+    create_broadcast(&client, &name, selector(key, &audience), &name).await?;
+    wait_for_counts(&client, &name, 1, 1).await?;
+    controllers.stop().await?;
+
+    // With no operator running, the copy loses its managed-by label (a restarted operator's
+    // cache never holds it) and its namespace stops matching.
+    let copies: Api<ConfigMap> = Api::namespaced(client.clone(), &home.name);
+    let unlabel = json!({"metadata": {"labels": {"app.kubernetes.io/managed-by": null}}});
+    copies.patch(&name, &PatchParams::default(), &Patch::Merge(unlabel)).await?;
+    label_namespace(&client, &home.name, key, None).await?;
+
+    let controllers = start_broadcast_controller(&cluster).await?;
+    eventually(CONVERGE, "the unlabelled copy to be deleted by the restarted operator", || async {
+        Ok(copies.get_opt(&name).await?.is_none().then_some(()))
+    })
+    .await?;
+    wait_for_counts(&client, &name, 0, 0).await?;
+    Api::<MessageBroadcast>::all(client.clone()).delete(&name, &DeleteParams::default()).await?;
+    controllers.stop().await?;
+    home.delete().await
+}
+
 /// An admission policy that denies creating ConfigMaps named `config_map` in the namespaces
 /// labelled `key=value`, with a message that names the namespace.
 fn deny_policy(name: &str, config_map: &str, key: &str, value: &str) -> String {
@@ -420,6 +455,99 @@ spec:
     )
 }
 
+/// How long the refusing webhook takes to answer for the namespace first by name.
+const SLOW_ANSWER: Duration = Duration::from_millis(1500);
+
+/// A validating admission webhook served by the test over HTTPS on loopback: it refuses every
+/// create of a ConfigMap named `config_map` in the namespaces labelled `key=value`, naming the
+/// namespace, and answers for `slow` only after [`SLOW_ANSWER`]. So the namespace first by name
+/// fails last: a status that named whichever failure came first would name another one.
+struct RefusingWebhook {
+    name: String,
+    client: Client,
+    shutdown: tokio_util::sync::CancellationToken,
+    server: tokio::task::JoinHandle<()>,
+    dir: std::path::PathBuf,
+}
+
+impl RefusingWebhook {
+    async fn start(
+        client: &Client,
+        name: &str,
+        config_map: &str,
+        (key, value): (&str, &str),
+        slow: &str,
+    ) -> Result<Self> {
+        let dir = std::env::temp_dir().join(format!("webhook-{name}"));
+        std::fs::create_dir_all(&dir)?;
+        let generated = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()])?;
+        std::fs::write(dir.join("tls.key"), generated.signing_key.serialize_pem())?;
+        std::fs::write(dir.join("tls.crt"), generated.cert.pem())?;
+        let tls = std::sync::Arc::new(operator::serving_cert::ServingCert::from_dir(&dir)?).server_config()?;
+        let slow = std::sync::Arc::new(slow.to_owned());
+        let router = axum::Router::new().route(
+            "/refuse",
+            axum::routing::post(move |body: axum::body::Bytes| {
+                let slow = slow.clone();
+                async move { refuse(&body, &slow).await }
+            }),
+        );
+        let port = xtask::harness::free_port()?;
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let address = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        let server = operator::http::serve_tls(address, router, tls, shutdown.clone()).await?;
+        let mut configuration: ValidatingWebhookConfiguration = serde_json::from_value(json!({
+            "metadata": {"name": name},
+            "webhooks": [{
+                "name": "refuse.e2e.example.com",
+                "clientConfig": {"url": format!("https://127.0.0.1:{port}/refuse")},
+                "rules": [{"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"], "resources": ["configmaps"]}],
+                "namespaceSelector": {"matchLabels": {key: value}},
+                "matchConditions": [{"name": "copy", "expression": format!("object.metadata.name == '{config_map}'")}],
+                "failurePolicy": "Fail",
+                "sideEffects": "None",
+                "admissionReviewVersions": ["v1"],
+                "timeoutSeconds": 10,
+            }],
+        }))?;
+        for webhook in configuration.webhooks.iter_mut().flatten() {
+            webhook.client_config.ca_bundle = Some(k8s_openapi::ByteString(generated.cert.pem().into_bytes()));
+        }
+        let api: Api<ValidatingWebhookConfiguration> = Api::all(client.clone());
+        api.create(&PostParams::default(), &configuration).await?;
+        Ok(Self { name: name.to_owned(), client: client.clone(), shutdown, server, dir })
+    }
+
+    async fn stop(self) -> Result<()> {
+        let api: Api<ValidatingWebhookConfiguration> = Api::all(self.client.clone());
+        api.delete(&self.name, &DeleteParams::default()).await?;
+        self.shutdown.cancel();
+        self.server.await?;
+        std::fs::remove_dir_all(&self.dir)?;
+        Ok(())
+    }
+}
+
+/// The webhook's answer to one AdmissionReview: refused, naming the namespace.
+async fn refuse(body: &[u8], slow: &str) -> ([(axum::http::HeaderName, &'static str); 1], String) {
+    let review: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+    let request = &review["request"];
+    let namespace = request["namespace"].as_str().unwrap_or_default();
+    if namespace == slow {
+        tokio::time::sleep(SLOW_ANSWER).await;
+    }
+    let answer = json!({
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "response": {
+            "uid": request["uid"],
+            "allowed": false,
+            "status": {"code": 422, "message": format!("copies refused in {namespace}")},
+        },
+    });
+    ([(axum::http::header::CONTENT_TYPE, "application/json")], answer.to_string())
+}
+
 #[tokio::test]
 async fn with_several_namespaces_failing_the_status_names_the_same_one_on_every_attempt() -> Result<()> {
     let _serial = ONE_AT_A_TIME.lock().await;
@@ -434,24 +562,24 @@ async fn with_several_namespaces_failing_the_status_names_the_same_one_on_every_
         label_namespace(&client, &namespace.name, key, Some(&audience)).await?;
         refusing.push(namespace);
     }
+    let first = refusing.iter().map(|ns| ns.name.clone()).min().context("a namespace")?;
     let name = unique("refused");
-    let policy = deny_policy(&name, &name, key, &audience);
-    kubectl_policy(&cluster, "apply", &policy)?;
+    let webhook = RefusingWebhook::start(&client, &name, &name, (key, &audience), &first).await?;
     let probe = Api::<ConfigMap>::namespaced(client.clone(), &refusing[0].name);
     let dry_run = PostParams { dry_run: true, ..Default::default() };
     let attempt: ConfigMap = serde_json::from_value(json!({"metadata": {"name": &name}}))?;
-    eventually(CONVERGE, "the policy to refuse copies", || async {
+    eventually(CONVERGE, "the webhook to refuse copies", || async {
         Ok(probe.create(&dry_run, &attempt).await.is_err().then_some(()))
     })
     .await?;
 
     let controllers = start_broadcast_controller(&cluster).await?;
     create_broadcast(&client, &name, selector(key, &audience), &name).await?;
-    let first = refusing.iter().map(|ns| ns.name.clone()).min().context("a namespace")?;
-    // Retries back off 0.5, 1, 2, 4 s: watch the condition through five attempts.
+    // Each attempt waits for the slow answer; retries back off 0.5, 1, 2 s: watch the condition
+    // through four attempts.
     let api: Api<MessageBroadcast> = Api::all(client.clone());
     let mut messages = BTreeSet::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(9);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(11);
     while tokio::time::Instant::now() < deadline {
         let broadcast = api.get(&name).await?;
         let condition = broadcast.status.and_then(|s| s.conditions.into_iter().find(|c| c.type_ == "Ready"));
@@ -462,7 +590,7 @@ async fn with_several_namespaces_failing_the_status_names_the_same_one_on_every_
     }
     let retries =
         controllers.metrics.workqueue_retries_total.with_label_values(&["messagebroadcast", "messagebroadcast"]).get();
-    ensure!(retries >= 4, "the broadcast was retried: {retries}");
+    ensure!(retries >= 3, "the broadcast was retried: {retries}");
     ensure!(messages.len() == 1, "the status flipped between namespaces: {messages:?}");
     let message = messages.into_iter().next().unwrap_or_default();
     ensure!(message.contains(&format!("copies refused in {first}")), "the first namespace is named: {message}");
@@ -472,7 +600,7 @@ async fn with_several_namespaces_failing_the_status_names_the_same_one_on_every_
     );
 
     api.delete(&name, &DeleteParams::default()).await?;
-    kubectl_policy(&cluster, "delete", &policy)?;
+    webhook.stop().await?;
     controllers.stop().await?;
     for namespace in refusing {
         namespace.delete().await?;

@@ -7,7 +7,17 @@ use anyhow::{Context, Result, bail};
 
 use crate::cluster::{self, CLUSTER_DIR_ENV};
 
-/// Runs `cargo test --workspace` against the local control plane, starting it first when none
+/// `--workspace`, unless the arguments name packages (`-p`, `--package`): cargo would otherwise
+/// ignore them and run every test.
+fn workspace_unless_narrowed(cargo_test_args: &[String]) -> Option<&'static str> {
+    let narrowed = cargo_test_args
+        .iter()
+        .take_while(|arg| *arg != "--")
+        .any(|arg| arg.starts_with("-p") || arg == "--package" || arg.starts_with("--package="));
+    (!narrowed).then_some("--workspace")
+}
+
+/// Runs `cargo test --workspace` (or the packages asked for) against the local control plane, starting it first when none
 /// is running and stopping it afterwards if this call started it.
 pub fn run(root: &Path, long: bool, with_node: bool, cargo_test_args: &[String]) -> Result<()> {
     let (state, started) = cluster::up(root, with_node)?;
@@ -33,7 +43,9 @@ pub fn run(root: &Path, long: bool, with_node: bool, cargo_test_args: &[String])
     }
     let status = command
         .current_dir(root)
-        .args(["test", "--workspace", "--no-fail-fast"])
+        .arg("test")
+        .args(workspace_unless_narrowed(cargo_test_args))
+        .arg("--no-fail-fast")
         .args(cargo_test_args)
         .env(CLUSTER_DIR_ENV, &state.dir)
         .env("EXAMPLE_OPERATOR_BIN", &operator_binary)
@@ -59,4 +71,24 @@ pub fn run(root: &Path, long: bool, with_node: bool, cargo_test_args: &[String])
         bail!("tests failed ({status})");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::workspace_unless_narrowed;
+
+    fn args(list: &[&str]) -> Vec<String> {
+        list.iter().map(|a| (*a).to_owned()).collect()
+    }
+
+    #[test]
+    fn packages_asked_for_narrow_the_run() {
+        assert_eq!(workspace_unless_narrowed(&args(&[])), Some("--workspace"));
+        assert_eq!(workspace_unless_narrowed(&args(&["--test", "leader"])), Some("--workspace"));
+        assert_eq!(workspace_unless_narrowed(&args(&["-p", "xtask"])), None);
+        assert_eq!(workspace_unless_narrowed(&args(&["-pxtask"])), None);
+        assert_eq!(workspace_unless_narrowed(&args(&["--package=e2e-tests"])), None);
+        // After `--`, arguments belong to the test binaries.
+        assert_eq!(workspace_unless_narrowed(&args(&["--", "-p"])), Some("--workspace"));
+    }
 }
