@@ -85,23 +85,65 @@ fn selector(key: &str, value: &str) -> LabelSelector {
     LabelSelector { match_labels: Some([(key.to_owned(), value.to_owned())].into()), match_expressions: None }
 }
 
+/// What every test here starts with: its turn (the tests run one at a time), the cluster, an
+/// admin client with the CRDs installed, and a label `key` with a value unique to the test: the
+/// namespaces labelled with it are the test's audience.
+struct Fixture {
+    _turn: tokio::sync::MutexGuard<'static, ()>,
+    cluster: TestCluster,
+    client: Client,
+    key: &'static str,
+    audience: String,
+}
+
+impl Fixture {
+    async fn new(key: &'static str, prefix: &str) -> Result<Self> {
+        let turn = ONE_AT_A_TIME.lock().await;
+        let cluster = TestCluster::get()?;
+        let client = cluster.admin_client().await?;
+        install_crds(&client).await?;
+        Ok(Self { _turn: turn, cluster, client, key, audience: unique(prefix) })
+    }
+
+    /// A fresh namespace, labelled into the audience.
+    async fn selected_namespace(&self, prefix: &str) -> Result<TestNamespace> {
+        let namespace = TestNamespace::create(&self.client, prefix).await?;
+        self.select(&namespace.name, true).await?;
+        Ok(namespace)
+    }
+
+    /// Labels `namespace` into the audience, or removes the label.
+    async fn select(&self, namespace: &str, selected: bool) -> Result<()> {
+        label_namespace(&self.client, namespace, self.key, selected.then_some(self.audience.as_str())).await
+    }
+
+    /// The selector of the audience.
+    fn selector(&self) -> LabelSelector {
+        selector(self.key, &self.audience)
+    }
+
+    /// Creates a broadcast to the audience, named `unique(prefix)` like its ConfigMap.
+    async fn broadcast(&self, prefix: &str) -> Result<String> {
+        let name = unique(prefix);
+        create_broadcast(&self.client, &name, self.selector(), &name).await?;
+        Ok(name)
+    }
+
+    async fn start_controllers(&self) -> Result<RunningControllers> {
+        start_broadcast_controller(&self.cluster).await
+    }
+}
+
 #[tokio::test]
 async fn copies_follow_the_selector_and_leave_with_the_broadcast() -> Result<()> {
-    let _serial = ONE_AT_A_TIME.lock().await;
-    let cluster = TestCluster::get()?;
-    let client = cluster.admin_client().await?;
-    install_crds(&client).await?;
-    let key = "e2e.example.com/audience";
-    let audience = unique("team");
-    let first = TestNamespace::create(&client, "mb-a").await?;
-    let second = TestNamespace::create(&client, "mb-b").await?;
+    let f = Fixture::new("e2e.example.com/audience", "team").await?;
+    let client = f.client.clone();
+    let first = f.selected_namespace("mb-a").await?;
+    let second = f.selected_namespace("mb-b").await?;
     let outsider = TestNamespace::create(&client, "mb-out").await?;
-    label_namespace(&client, &first.name, key, Some(&audience)).await?;
-    label_namespace(&client, &second.name, key, Some(&audience)).await?;
-    let controllers = start_broadcast_controller(&cluster).await?;
+    let controllers = f.start_controllers().await?;
 
-    let name = unique("notice");
-    create_broadcast(&client, &name, selector(key, &audience), &name).await?;
+    let name = f.broadcast("notice").await?;
     let broadcast = wait_for_counts(&client, &name, 2, 2).await?;
     let ready = broadcast.status.and_then(|s| s.conditions.into_iter().next()).context("Ready condition")?;
     ensure!(ready.status == ConditionStatus::True && ready.reason == "CopiesSynced", "{ready:?}");
@@ -111,12 +153,12 @@ async fn copies_follow_the_selector_and_leave_with_the_broadcast() -> Result<()>
     ensure!(copy.data.and_then(|d| d.get("message").cloned()) == Some(format!("broadcast {name}")));
 
     // A namespace created (here: labelled) into the selector gets its copy.
-    label_namespace(&client, &outsider.name, key, Some(&audience)).await?;
+    f.select(&outsider.name, true).await?;
     wait_for_counts(&client, &name, 3, 3).await?;
     ensure!(namespaces_with_copy(&client, &name).await?.contains(&outsider.name));
 
     // Relabelled out of the selector: its copy is removed.
-    label_namespace(&client, &first.name, key, None).await?;
+    f.select(&first.name, false).await?;
     wait_for_counts(&client, &name, 2, 2).await?;
     eventually(CONVERGE, "the copy to leave the relabelled namespace", || async {
         Ok((!namespaces_with_copy(&client, &name).await?.contains(&first.name)).then_some(()))
@@ -124,13 +166,12 @@ async fn copies_follow_the_selector_and_leave_with_the_broadcast() -> Result<()>
     .await?;
 
     // A brand-new namespace that matches gets a copy.
-    let late = TestNamespace::create(&client, "mb-late").await?;
-    label_namespace(&client, &late.name, key, Some(&audience)).await?;
+    let late = f.selected_namespace("mb-late").await?;
     wait_for_counts(&client, &name, 3, 3).await?;
 
     // Restarted controllers over an in-sync cluster write nothing.
     controllers.stop().await?;
-    let restarted = start_broadcast_controller(&cluster).await?;
+    let restarted = f.start_controllers().await?;
     eventually(CONVERGE, "the restarted controller to reconcile", || async {
         Ok((restarted.metrics.reconciles("messagebroadcast") >= 1).then_some(()))
     })
@@ -148,11 +189,9 @@ async fn copies_follow_the_selector_and_leave_with_the_broadcast() -> Result<()>
 
 #[tokio::test]
 async fn an_empty_selector_covers_every_active_namespace() -> Result<()> {
-    let _serial = ONE_AT_A_TIME.lock().await;
-    let cluster = TestCluster::get()?;
-    let client = cluster.admin_client().await?;
-    install_crds(&client).await?;
-    let controllers = start_broadcast_controller(&cluster).await?;
+    let f = Fixture::new("e2e.example.com/unused", "everyone").await?;
+    let client = f.client.clone();
+    let controllers = f.start_controllers().await?;
     let name = unique("everyone");
     create_broadcast(&client, &name, LabelSelector::default(), &name).await?;
 
@@ -179,23 +218,17 @@ async fn an_empty_selector_covers_every_active_namespace() -> Result<()> {
 
 #[tokio::test]
 async fn a_foreign_config_map_is_reported_as_a_conflict_and_left_alone() -> Result<()> {
-    let _serial = ONE_AT_A_TIME.lock().await;
-    let cluster = TestCluster::get()?;
-    let client = cluster.admin_client().await?;
-    install_crds(&client).await?;
-    let key = "e2e.example.com/audience";
-    let audience = unique("team");
-    let free = TestNamespace::create(&client, "mb-free").await?;
-    let taken = TestNamespace::create(&client, "mb-taken").await?;
-    label_namespace(&client, &free.name, key, Some(&audience)).await?;
-    label_namespace(&client, &taken.name, key, Some(&audience)).await?;
+    let f = Fixture::new("e2e.example.com/audience", "team").await?;
+    let client = f.client.clone();
+    let free = f.selected_namespace("mb-free").await?;
+    let taken = f.selected_namespace("mb-taken").await?;
     let name = unique("memo");
     let foreign: ConfigMap = serde_json::from_value(json!({"metadata": {"name": name}, "data": {"message": "local"}}))?;
     let foreign =
         Api::<ConfigMap>::namespaced(client.clone(), &taken.name).create(&PostParams::default(), &foreign).await?;
-    let controllers = start_broadcast_controller(&cluster).await?;
+    let controllers = f.start_controllers().await?;
 
-    create_broadcast(&client, &name, selector(key, &audience), &name).await?;
+    create_broadcast(&client, &name, f.selector(), &name).await?;
     let broadcast = wait_for_counts(&client, &name, 2, 1).await?;
     let ready = broadcast.status.and_then(|s| s.conditions.into_iter().next()).context("Ready condition")?;
     ensure!(ready.status == ConditionStatus::False && ready.reason == "ConfigMapConflict", "{ready:?}");
@@ -224,22 +257,17 @@ async fn wait_for_ready_reason(client: &Client, name: &str, reason: &str) -> Res
 
 #[tokio::test]
 async fn selector_and_name_changes_move_the_copies_and_bad_or_competing_broadcasts_say_why() -> Result<()> {
-    let _serial = ONE_AT_A_TIME.lock().await;
-    let cluster = TestCluster::get()?;
-    let client = cluster.admin_client().await?;
-    install_crds(&client).await?;
-    let key = "e2e.example.com/team";
-    let (red, blue) = (unique("red"), unique("blue"));
-    let in_red = TestNamespace::create(&client, "mb-red").await?;
+    // The fixture's audience is the red team.
+    let f = Fixture::new("e2e.example.com/team", "red").await?;
+    let (client, key, red, blue) = (f.client.clone(), f.key, f.audience.clone(), unique("blue"));
+    let in_red = f.selected_namespace("mb-red").await?;
     let in_blue = TestNamespace::create(&client, "mb-blue").await?;
-    label_namespace(&client, &in_red.name, key, Some(&red)).await?;
     label_namespace(&client, &in_blue.name, key, Some(&blue)).await?;
-    let controllers = start_broadcast_controller(&cluster).await?;
+    let controllers = f.start_controllers().await?;
     let api: Api<MessageBroadcast> = Api::all(client.clone());
 
     // A selector change moves the copy from red to blue.
-    let name = unique("moving");
-    create_broadcast(&client, &name, selector(key, &red), &name).await?;
+    let name = f.broadcast("moving").await?;
     wait_for_counts(&client, &name, 1, 1).await?;
     let change = json!({"spec": {"namespaceSelector": {"matchLabels": {key: &blue}}}});
     api.patch(&name, &PatchParams::default(), &Patch::Merge(change)).await?;
@@ -338,28 +366,22 @@ spec:
 
 #[tokio::test]
 async fn a_copy_that_lost_its_label_is_deleted_when_its_namespace_stops_matching() -> Result<()> {
-    let _serial = ONE_AT_A_TIME.lock().await;
-    let cluster = TestCluster::get()?;
-    let client = cluster.admin_client().await?;
-    install_crds(&client).await?;
-    let key = "e2e.example.com/unlabelled";
-    let audience = unique("gone");
-    let home = TestNamespace::create(&client, "mb-lost").await?;
-    label_namespace(&client, &home.name, key, Some(&audience)).await?;
-    let controllers = start_broadcast_controller(&cluster).await?;
-    let name = unique("lost");
-    create_broadcast(&client, &name, selector(key, &audience), &name).await?;
+    let f = Fixture::new("e2e.example.com/unlabelled", "gone").await?;
+    let (cluster, client, audience) = (&f.cluster, f.client.clone(), &f.audience);
+    let home = f.selected_namespace("mb-lost").await?;
+    let controllers = f.start_controllers().await?;
+    let name = f.broadcast("lost").await?;
     wait_for_counts(&client, &name, 1, 1).await?;
 
     // An admission policy holds the copy: the operator cannot delete it for now.
     let copies: Api<ConfigMap> = Api::namespaced(client.clone(), &home.name);
-    let hold = json!({"metadata": {"labels": {"e2e.example.com/hold": &audience}}});
+    let hold = json!({"metadata": {"labels": {"e2e.example.com/hold": audience}}});
     copies.patch(&name, &PatchParams::default(), &Patch::Merge(hold.clone())).await?;
     let decoy: ConfigMap = serde_json::from_value(json!({"metadata": {"name": "decoy"}}))?;
     copies.create(&PostParams::default(), &decoy).await?;
     copies.patch("decoy", &PatchParams::default(), &Patch::Merge(hold)).await?;
-    let policy = hold_policy(&name, &home.name, &audience);
-    kubectl_policy(&cluster, "apply", &policy)?;
+    let policy = hold_policy(&name, &home.name, audience);
+    kubectl_policy(cluster, "apply", &policy)?;
     let dry_run = kube::api::DeleteParams { dry_run: true, ..Default::default() };
     eventually(CONVERGE, "the policy to hold ConfigMaps", || async {
         Ok(copies.delete("decoy", &dry_run).await.is_err().then_some(()))
@@ -367,14 +389,14 @@ async fn a_copy_that_lost_its_label_is_deleted_when_its_namespace_stops_matching
     .await?;
 
     // The namespace stops matching: deleting the copy is denied, and retried.
-    label_namespace(&client, &home.name, key, None).await?;
+    f.select(&home.name, false).await?;
     let message = wait_for_ready_reason(&client, &name, "Reconciling").await?;
     ensure!(message.contains("held by the test"), "{message}");
     // The copy loses its managed-by label (it drops out of the operator's cache); then the
     // policy goes.
     let unlabel = json!({"metadata": {"labels": {"app.kubernetes.io/managed-by": null}}});
     copies.patch(&name, &PatchParams::default(), &Patch::Merge(unlabel)).await?;
-    kubectl_policy(&cluster, "delete", &policy)?;
+    kubectl_policy(cluster, "delete", &policy)?;
 
     eventually(CONVERGE, "the unlabelled copy to be deleted", || async {
         Ok(copies.get_opt(&name).await?.is_none().then_some(()))
@@ -388,17 +410,11 @@ async fn a_copy_that_lost_its_label_is_deleted_when_its_namespace_stops_matching
 
 #[tokio::test]
 async fn a_copy_that_lost_its_label_while_no_operator_ran_is_deleted_after_a_restart() -> Result<()> {
-    let _serial = ONE_AT_A_TIME.lock().await;
-    let cluster = TestCluster::get()?;
-    let client = cluster.admin_client().await?;
-    install_crds(&client).await?;
-    let key = "e2e.example.com/restarted";
-    let audience = unique("restart");
-    let home = TestNamespace::create(&client, "mb-restart").await?;
-    label_namespace(&client, &home.name, key, Some(&audience)).await?;
-    let controllers = start_broadcast_controller(&cluster).await?;
-    let name = unique("restart");
-    create_broadcast(&client, &name, selector(key, &audience), &name).await?;
+    let f = Fixture::new("e2e.example.com/restarted", "restart").await?;
+    let client = f.client.clone();
+    let home = f.selected_namespace("mb-restart").await?;
+    let controllers = f.start_controllers().await?;
+    let name = f.broadcast("restart").await?;
     wait_for_counts(&client, &name, 1, 1).await?;
     controllers.stop().await?;
 
@@ -407,9 +423,9 @@ async fn a_copy_that_lost_its_label_while_no_operator_ran_is_deleted_after_a_res
     let copies: Api<ConfigMap> = Api::namespaced(client.clone(), &home.name);
     let unlabel = json!({"metadata": {"labels": {"app.kubernetes.io/managed-by": null}}});
     copies.patch(&name, &PatchParams::default(), &Patch::Merge(unlabel)).await?;
-    label_namespace(&client, &home.name, key, None).await?;
+    f.select(&home.name, false).await?;
 
-    let controllers = start_broadcast_controller(&cluster).await?;
+    let controllers = f.start_controllers().await?;
     eventually(CONVERGE, "the unlabelled copy to be deleted by the restarted operator", || async {
         Ok(copies.get_opt(&name).await?.is_none().then_some(()))
     })
@@ -550,21 +566,15 @@ async fn refuse(body: &[u8], slow: &str) -> ([(axum::http::HeaderName, &'static 
 
 #[tokio::test]
 async fn with_several_namespaces_failing_the_status_names_the_same_one_on_every_attempt() -> Result<()> {
-    let _serial = ONE_AT_A_TIME.lock().await;
-    let cluster = TestCluster::get()?;
-    let client = cluster.admin_client().await?;
-    install_crds(&client).await?;
-    let key = "e2e.example.com/refusing";
-    let audience = unique("refused");
+    let f = Fixture::new("e2e.example.com/refusing", "refused").await?;
+    let client = f.client.clone();
     let mut refusing = Vec::new();
     for _ in 0..3 {
-        let namespace = TestNamespace::create(&client, "mb-refuse").await?;
-        label_namespace(&client, &namespace.name, key, Some(&audience)).await?;
-        refusing.push(namespace);
+        refusing.push(f.selected_namespace("mb-refuse").await?);
     }
     let first = refusing.iter().map(|ns| ns.name.clone()).min().context("a namespace")?;
     let name = unique("refused");
-    let webhook = RefusingWebhook::start(&client, &name, &name, (key, &audience), &first).await?;
+    let webhook = RefusingWebhook::start(&client, &name, &name, (f.key, &f.audience), &first).await?;
     let probe = Api::<ConfigMap>::namespaced(client.clone(), &refusing[0].name);
     let dry_run = PostParams { dry_run: true, ..Default::default() };
     let attempt: ConfigMap = serde_json::from_value(json!({"metadata": {"name": &name}}))?;
@@ -573,8 +583,8 @@ async fn with_several_namespaces_failing_the_status_names_the_same_one_on_every_
     })
     .await?;
 
-    let controllers = start_broadcast_controller(&cluster).await?;
-    create_broadcast(&client, &name, selector(key, &audience), &name).await?;
+    let controllers = f.start_controllers().await?;
+    create_broadcast(&client, &name, f.selector(), &name).await?;
     // Each attempt waits for the slow answer; retries back off 0.5, 1, 2 s: watch the condition
     // through four attempts.
     let api: Api<MessageBroadcast> = Api::all(client.clone());
@@ -611,17 +621,10 @@ async fn with_several_namespaces_failing_the_status_names_the_same_one_on_every_
 #[tokio::test]
 async fn a_namespace_that_begins_terminating_while_the_cache_lags_is_not_a_failure() -> Result<()> {
     use e2e_tests::fault_proxy::{Fault, FaultProxy};
-    let _serial = ONE_AT_A_TIME.lock().await;
-    let cluster = TestCluster::get()?;
-    let client = cluster.admin_client().await?;
-    install_crds(&client).await?;
-    let key = "e2e.example.com/ending";
-    let audience = unique("ending");
-    let staying = TestNamespace::create(&client, "mb-stay").await?;
-    let ending = TestNamespace::create(&client, "mb-ending").await?;
-    for namespace in [&staying, &ending] {
-        label_namespace(&client, &namespace.name, key, Some(&audience)).await?;
-    }
+    let f = Fixture::new("e2e.example.com/ending", "ending").await?;
+    let (cluster, client) = (&f.cluster, f.client.clone());
+    let staying = f.selected_namespace("mb-stay").await?;
+    let ending = f.selected_namespace("mb-ending").await?;
     // The ending namespace is held in Terminating by a finalizer the test owns.
     let anchor: ConfigMap = serde_json::from_value(json!({
         "metadata": {"name": "anchor", "finalizers": ["e2e.example.com/hold"]},
@@ -633,7 +636,7 @@ async fn a_namespace_that_begins_terminating_while_the_cache_lags_is_not_a_failu
     let deny = format!("{name}-deny");
     let ending_only = "kubernetes.io/metadata.name";
     let policy = deny_policy(&deny, &name, ending_only, &ending.name);
-    kubectl_policy(&cluster, "apply", &policy)?;
+    kubectl_policy(cluster, "apply", &policy)?;
     let dry_run = PostParams { dry_run: true, ..Default::default() };
     let attempt: ConfigMap = serde_json::from_value(json!({"metadata": {"name": &name}}))?;
     eventually(CONVERGE, "the policy to refuse copies", || async {
@@ -646,7 +649,7 @@ async fn a_namespace_that_begins_terminating_while_the_cache_lags_is_not_a_failu
     let via_proxy = cluster.admin_kubeconfig_via(proxy.port)?;
     let args = ["--controllers", "messagebroadcast", "--leader-elect=false"];
     let operator = e2e_tests::OperatorProcess::spawn_cluster_wide(&via_proxy, &name, &name, &staying.name, &args, &[])?;
-    create_broadcast(&client, &name, selector(key, &audience), &name).await?;
+    create_broadcast(&client, &name, f.selector(), &name).await?;
     let refused =
         wait_for_ready_reason(&client, &name, "Reconciling").await.map_err(|e| e.context(operator.log_text()))?;
     ensure!(refused.contains("copies refused"), "{refused}");
@@ -655,7 +658,7 @@ async fn a_namespace_that_begins_terminating_while_the_cache_lags_is_not_a_failu
     // Active when its next retry writes there, after the namespace began terminating.
     proxy.set(Fault::Delay(Duration::from_secs(6)));
     Api::<Namespace>::all(client.clone()).delete(&ending.name, &DeleteParams::default()).await?;
-    kubectl_policy(&cluster, "delete", &policy)?;
+    kubectl_policy(cluster, "delete", &policy)?;
 
     let api: Api<MessageBroadcast> = Api::all(client.clone());
     let mut messages = BTreeSet::new();
