@@ -6,6 +6,7 @@
 
 pub mod audit;
 pub mod fault_proxy;
+pub mod webhook;
 pub use xtask::prometheus;
 
 use std::future::Future;

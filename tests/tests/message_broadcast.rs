@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use crd_types::{ConditionStatus, MessageBroadcast, MessageBroadcastSpec};
+use e2e_tests::webhook::{Verdict, Webhook};
 use e2e_tests::{RunningControllers, TestCluster, TestNamespace, eventually, install_crds};
-use k8s_openapi::api::admissionregistration::v1::ValidatingWebhookConfiguration;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
@@ -474,94 +474,34 @@ spec:
 /// How long the refusing webhook takes to answer for the namespace first by name.
 const SLOW_ANSWER: Duration = Duration::from_millis(1500);
 
-/// A validating admission webhook served by the test over HTTPS on loopback: it refuses every
-/// create of a ConfigMap named `config_map` in the namespaces labelled `key=value`, naming the
-/// namespace, and answers for `slow` only after [`SLOW_ANSWER`]. So the namespace first by name
-/// fails last: a status that named whichever failure came first would name another one.
-struct RefusingWebhook {
-    name: String,
-    client: Client,
-    shutdown: tokio_util::sync::CancellationToken,
-    server: tokio::task::JoinHandle<()>,
-    dir: std::path::PathBuf,
-}
-
-impl RefusingWebhook {
-    async fn start(
-        client: &Client,
-        name: &str,
-        config_map: &str,
-        (key, value): (&str, &str),
-        slow: &str,
-    ) -> Result<Self> {
-        let dir = std::env::temp_dir().join(format!("webhook-{name}"));
-        std::fs::create_dir_all(&dir)?;
-        let generated = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()])?;
-        std::fs::write(dir.join("tls.key"), generated.signing_key.serialize_pem())?;
-        std::fs::write(dir.join("tls.crt"), generated.cert.pem())?;
-        let tls = std::sync::Arc::new(operator::serving_cert::ServingCert::from_dir(&dir)?).server_config()?;
-        let slow = std::sync::Arc::new(slow.to_owned());
-        let router = axum::Router::new().route(
-            "/refuse",
-            axum::routing::post(move |body: axum::body::Bytes| {
-                let slow = slow.clone();
-                async move { refuse(&body, &slow).await }
-            }),
-        );
-        let port = xtask::harness::free_port()?;
-        let shutdown = tokio_util::sync::CancellationToken::new();
-        let address = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-        let server = operator::http::serve_tls(address, router, tls, shutdown.clone()).await?;
-        let mut configuration: ValidatingWebhookConfiguration = serde_json::from_value(json!({
-            "metadata": {"name": name},
-            "webhooks": [{
-                "name": "refuse.e2e.example.com",
-                "clientConfig": {"url": format!("https://127.0.0.1:{port}/refuse")},
-                "rules": [{"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"], "resources": ["configmaps"]}],
-                "namespaceSelector": {"matchLabels": {key: value}},
-                "matchConditions": [{"name": "copy", "expression": format!("object.metadata.name == '{config_map}'")}],
-                "failurePolicy": "Fail",
-                "sideEffects": "None",
-                "admissionReviewVersions": ["v1"],
-                "timeoutSeconds": 10,
-            }],
-        }))?;
-        for webhook in configuration.webhooks.iter_mut().flatten() {
-            webhook.client_config.ca_bundle = Some(k8s_openapi::ByteString(generated.cert.pem().into_bytes()));
-        }
-        let api: Api<ValidatingWebhookConfiguration> = Api::all(client.clone());
-        api.create(&PostParams::default(), &configuration).await?;
-        Ok(Self { name: name.to_owned(), client: client.clone(), shutdown, server, dir })
-    }
-
-    async fn stop(self) -> Result<()> {
-        let api: Api<ValidatingWebhookConfiguration> = Api::all(self.client.clone());
-        api.delete(&self.name, &DeleteParams::default()).await?;
-        self.shutdown.cancel();
-        self.server.await?;
-        std::fs::remove_dir_all(&self.dir)?;
-        Ok(())
-    }
-}
-
-/// The webhook's answer to one AdmissionReview: refused, naming the namespace.
-async fn refuse(body: &[u8], slow: &str) -> ([(axum::http::HeaderName, &'static str); 1], String) {
-    let review: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
-    let request = &review["request"];
-    let namespace = request["namespace"].as_str().unwrap_or_default();
-    if namespace == slow {
-        tokio::time::sleep(SLOW_ANSWER).await;
-    }
-    let answer = json!({
-        "apiVersion": "admission.k8s.io/v1",
-        "kind": "AdmissionReview",
-        "response": {
-            "uid": request["uid"],
-            "allowed": false,
-            "status": {"code": 422, "message": format!("copies refused in {namespace}")},
-        },
+/// A webhook that refuses every create of a ConfigMap named `config_map` in the namespaces
+/// labelled `key=value`, naming the namespace, and answers for `slow` only after
+/// [`SLOW_ANSWER`]. So the namespace first by name fails last: a status that named whichever
+/// failure came first would name another one.
+async fn refusing_webhook(
+    client: &Client,
+    name: &str,
+    config_map: &str,
+    (key, value): (&str, &str),
+    slow: &str,
+) -> Result<Webhook> {
+    let matching = json!({
+        "rules": [{"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"], "resources": ["configmaps"]}],
+        "namespaceSelector": {"matchLabels": {key: value}},
+        "matchConditions": [{"name": "copy", "expression": format!("object.metadata.name == '{config_map}'")}],
     });
-    ([(axum::http::header::CONTENT_TYPE, "application/json")], answer.to_string())
+    let slow = slow.to_owned();
+    Webhook::start(client, name, matching, move |request| {
+        let slow = slow.clone();
+        async move {
+            let namespace = request["namespace"].as_str().unwrap_or_default().to_owned();
+            if namespace == slow {
+                tokio::time::sleep(SLOW_ANSWER).await;
+            }
+            Verdict::Deny { code: 422, message: format!("copies refused in {namespace}") }
+        }
+    })
+    .await
 }
 
 #[tokio::test]
@@ -574,7 +514,7 @@ async fn with_several_namespaces_failing_the_status_names_the_same_one_on_every_
     }
     let first = refusing.iter().map(|ns| ns.name.clone()).min().context("a namespace")?;
     let name = unique("refused");
-    let webhook = RefusingWebhook::start(&client, &name, &name, (f.key, &f.audience), &first).await?;
+    let webhook = refusing_webhook(&client, &name, &name, (f.key, &f.audience), &first).await?;
     let probe = Api::<ConfigMap>::namespaced(client.clone(), &refusing[0].name);
     let dry_run = PostParams { dry_run: true, ..Default::default() };
     let attempt: ConfigMap = serde_json::from_value(json!({"metadata": {"name": &name}}))?;

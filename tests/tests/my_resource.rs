@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use crd_types::{ConditionStatus, MyResource, MyResourceSpec, Phase};
+use e2e_tests::webhook::{Verdict, Webhook};
 use e2e_tests::{Fixture, RunningControllers, TestCluster, eventually, stdout_of};
 use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::api::events::v1::Event;
@@ -508,6 +509,75 @@ async fn drift_repair_keeps_other_owners_references() -> Result<()> {
         "both owners after the repair: {kinds:?}"
     );
     controllers.stop().await
+}
+
+#[tokio::test]
+async fn a_repair_writes_nothing_over_a_config_map_that_changed_owner_since_it_was_read() -> Result<()> {
+    let f = Fixture::new("mr-stale-repair").await?;
+    let controllers = RunningControllers::start_in(&f.cluster, f.ns()).await?;
+    create(&f.resources, "contested", "mine").await?;
+    wait_for_message(&f.config_maps, "contested-configmap", "mine").await?;
+
+    // A webhook holds the operator's writes to the ConfigMap (recognised by its field manager)
+    // until the test lets them go; everyone else's pass at once, but for the test's probe, which
+    // it refuses (so the test knows it is in place).
+    let (held_tx, mut held) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let (release, released) = tokio::sync::watch::channel(false);
+    let matching = json!({
+        "rules": [{"apiGroups": [""], "apiVersions": ["v1"], "operations": ["UPDATE"], "resources": ["configmaps"]}],
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": f.ns()}},
+        "matchConditions": [{"name": "copy", "expression": "object.metadata.name == 'contested-configmap'"}],
+    });
+    let webhook = Webhook::start(&f.client, f.ns(), matching, move |request| {
+        let (held_tx, mut released) = (held_tx.clone(), released.clone());
+        async move {
+            let manager = request["options"]["fieldManager"].as_str().unwrap_or_default().to_owned();
+            if manager == reconcilers::owned_config_map::MANAGER {
+                let _ = held_tx.send(());
+                let _ = released.wait_for(|go| *go).await;
+            }
+            if manager == "e2e-probe" {
+                return Verdict::Deny { code: 403, message: "the webhook is in place".into() };
+            }
+            Verdict::Allow
+        }
+    })
+    .await?;
+    let probe = json!({"metadata": {"annotations": {"e2e.example.com/probe": "1"}}});
+    let dry_run = PatchParams { dry_run: true, field_manager: Some("e2e-probe".into()), ..Default::default() };
+    let other: ConfigMap = serde_json::from_value(json!({"metadata": {"name": "new-owner"}}))?;
+    let other = f.config_maps.create(&PostParams::default(), &other).await?;
+    eventually(CONVERGE, "the webhook to be called", || async {
+        let refused = f.config_maps.patch("contested-configmap", &dry_run, &Patch::Merge(&probe)).await.is_err();
+        Ok(refused.then_some(()))
+    })
+    .await?;
+
+    // The data drifts: the operator reads it and sends its repair, which the webhook holds.
+    let tamper = json!({"data": {"message": "tampered"}});
+    f.config_maps.patch("contested-configmap", &PatchParams::default(), &Patch::Merge(tamper)).await?;
+    tokio::time::timeout(CONVERGE, held.recv()).await.context("the operator's repair never reached the webhook")?;
+    // Meanwhile the ConfigMap gets another controller: it is no longer the operator's to repair.
+    let taken = json!({"metadata": {"ownerReferences": [{
+        "apiVersion": "v1", "kind": "ConfigMap", "name": "new-owner",
+        "uid": other.uid().context("uid")?, "controller": true,
+    }]}});
+    f.config_maps.patch("contested-configmap", &PatchParams::default(), &Patch::Merge(taken)).await?;
+    let _ = release.send(true);
+
+    // The held repair was written against the version it read: refused, and the retry sees the
+    // new owner and reports the conflict.
+    let resource = wait_for_phase(&f.resources, "contested", Phase::Failed).await?;
+    let ready = resource.status.and_then(|s| s.conditions.into_iter().next()).context("a Ready condition")?;
+    ensure!(ready.reason == "ConfigMapConflict", "{ready:?}");
+    let after = f.config_maps.get("contested-configmap").await?;
+    let owners: Vec<&str> = after.owner_references().iter().map(|o| o.name.as_str()).collect();
+    ensure!(owners == ["new-owner"], "the new owner keeps the ConfigMap: {owners:?}");
+    let message = after.data.as_ref().and_then(|d| d.get("message")).map(String::as_str);
+    ensure!(message == Some("tampered"), "nothing was written over it: {message:?}");
+    webhook.stop().await?;
+    controllers.stop().await?;
+    f.namespace.delete().await
 }
 
 #[tokio::test]
