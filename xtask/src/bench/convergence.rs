@@ -69,14 +69,58 @@ pub struct PhaseResult {
     pub writes: u64,
     /// Peak RSS of the reconciling process (the bare client runs inside the benchmark: none).
     pub peak_rss_mib: Option<f64>,
+    /// Where the operator's time went, from its own metrics (operator phases only).
+    pub operator_time: Option<OperatorTime>,
+}
+
+/// The operator's reconciles in one phase, from its metrics when the phase ends: what each
+/// reconcile took, how long keys waited in the queue, and how busy the workers were. Workers
+/// that are rarely busy wait for work (the creates); workers always busy are bound by the time
+/// of one reconcile.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct OperatorTime {
+    pub reconciles: f64,
+    pub mean_reconcile_ms: f64,
+    pub mean_queue_wait_ms: f64,
+    /// Reconcile time summed over the workers / (workers × phase time).
+    pub workers_busy: f64,
+}
+
+impl OperatorTime {
+    fn from_metrics(metrics: &str, concurrency: usize, seconds: f64) -> Self {
+        let controller = "controller=\"myresource\"";
+        let of = |name: &str| crate::harness::sum_samples(metrics, name, controller);
+        let reconciles = of("controller_runtime_reconcile_time_seconds_count");
+        let reconcile_s = of("controller_runtime_reconcile_time_seconds_sum");
+        let queued = of("workqueue_queue_duration_seconds_count");
+        let per = |sum: f64, count: f64| if count > 0.0 { sum / count * 1000.0 } else { 0.0 };
+        Self {
+            reconciles,
+            mean_reconcile_ms: per(reconcile_s, reconciles),
+            mean_queue_wait_ms: per(of("workqueue_queue_duration_seconds_sum"), queued),
+            workers_busy: reconcile_s / (concurrency as f64 * seconds),
+        }
+    }
 }
 
 impl PhaseResult {
     pub fn summary(&self, objects: usize) -> String {
         let per = |n: u64| n as f64 / objects as f64;
         let rss = self.peak_rss_mib.map(|m| format!(", peak RSS {m:.1} MiB")).unwrap_or_default();
+        let time = self
+            .operator_time
+            .as_ref()
+            .map(|t| {
+                format!(
+                    "; reconcile {:.1} ms, queue wait {:.1} ms, workers busy {:.0} %",
+                    t.mean_reconcile_ms,
+                    t.mean_queue_wait_ms,
+                    t.workers_busy * 100.0
+                )
+            })
+            .unwrap_or_default();
         format!(
-            "{:<14} {:>8.2} s, {:.2} requests ({:.2} writes) per object{rss}",
+            "{:<14} {:>8.2} s, {:.2} requests ({:.2} writes) per object{rss}{time}",
             self.phase,
             self.seconds,
             per(self.requests),
@@ -90,6 +134,7 @@ pub async fn run(bench: &Bench, round: usize, phase: ConvergencePhase, namespace
     bench.create_namespace(namespace, json!({})).await?;
     let label = format!("bench-r{round}-{}", phase.name());
     let standalone_before = bench.audited(STANDALONE)?;
+    let mut operator_time = None;
     let (seconds, peak_rss_mib) = match phase {
         ConvergencePhase::Limit(concurrency) => (limit(bench, namespace, &label, concurrency).await?, None),
         ConvergencePhase::Peer => {
@@ -99,8 +144,8 @@ pub async fn run(bench: &Bench, round: usize, phase: ConvergencePhase, namespace
             peer.stop().await?;
             (seconds, Some(rss))
         }
-        ConvergencePhase::Operator(concurrency) => {
-            let concurrency = format!("myresource={concurrency}");
+        ConvergencePhase::Operator(workers) => {
+            let concurrency = format!("myresource={workers}");
             let operator = bench.start_operator(
                 &label,
                 Some(namespace),
@@ -108,6 +153,7 @@ pub async fn run(bench: &Bench, round: usize, phase: ConvergencePhase, namespace
             )?;
             operator.wait_for_metrics().await?;
             let seconds = converge(bench, namespace).await?;
+            operator_time = Some(OperatorTime::from_metrics(&operator.metrics().await?, workers, seconds));
             let rss = operator.peak_rss_mib()?;
             operator.stop().await?;
             (seconds, Some(rss))
@@ -117,7 +163,14 @@ pub async fn run(bench: &Bench, round: usize, phase: ConvergencePhase, namespace
         ConvergencePhase::Operator(_) => bench.audited(STANDALONE)? - standalone_before,
         _ => bench.audited(&label)?,
     };
-    Ok(PhaseResult { phase: phase.name(), seconds, requests: requests.total, writes: requests.writes, peak_rss_mib })
+    Ok(PhaseResult {
+        phase: phase.name(),
+        seconds,
+        requests: requests.total,
+        writes: requests.writes,
+        peak_rss_mib,
+        operator_time,
+    })
 }
 
 /// The controller-runtime peer as the benchmark identity, watching `namespace`.

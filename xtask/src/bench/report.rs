@@ -270,6 +270,19 @@ impl Report {
         for phase in [ConvergencePhase::Operator(DEFAULT_CONCURRENCY), ConvergencePhase::Peer] {
             figures.push(Figure::new(format!("peak RSS converging, {}", phase.name()), "MiB", rss(phase), None));
         }
+        // Where the operator's time went: per reconcile, and how busy its workers were.
+        for concurrency in OPERATOR_CONCURRENCIES {
+            let name = ConvergencePhase::Operator(concurrency).name();
+            let time = |f: &dyn Fn(&super::convergence::OperatorTime) -> f64| -> Vec<f64> {
+                rounds
+                    .iter()
+                    .filter_map(|r| r.phases.iter().find(|p| p.phase == name)?.operator_time.as_ref().map(f))
+                    .collect()
+            };
+            figures.push(Figure::new(format!("mean reconcile, {name}"), "ms", time(&|t| t.mean_reconcile_ms), None));
+            figures.push(Figure::new(format!("mean queue wait, {name}"), "ms", time(&|t| t.mean_queue_wait_ms), None));
+            figures.push(Figure::new(format!("workers busy, {name}"), "%", time(&|t| t.workers_busy * 100.0), None));
+        }
         Self {
             machine: Machine::describe(),
             objects: options.objects,
