@@ -343,10 +343,7 @@ async fn fan_out_copies(broadcast: &MessageBroadcast, context: &Context, fan_out
 /// server (metadata only, by name, a page at a time): the ones the cache does not hold because
 /// their label is gone. Done once per broadcast and process.
 async fn seed_known(context: &Context, uid: &str, name: &str) -> Result<BTreeSet<(String, String)>> {
-    let api: Api<ConfigMap> = match &context.scope {
-        Some(namespace) => Api::namespaced(context.base.client.clone(), namespace),
-        None => Api::all(context.base.client.clone()),
-    };
+    let api: Api<ConfigMap> = crate::registry::scoped(&context.base.client, context.scope.as_deref());
     let mut params = ListParams::default().fields(&format!("metadata.name={name}")).limit(500);
     let mut found = BTreeSet::new();
     loop {

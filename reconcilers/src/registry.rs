@@ -124,7 +124,7 @@ pub trait Cached: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned 
 }
 
 /// An API over `scope`'s namespace, or over all of them.
-fn scoped<K>(client: &Client, scope: Option<&str>) -> Api<K>
+pub(crate) fn scoped<K>(client: &Client, scope: Option<&str>) -> Api<K>
 where
     K: Resource<Scope = kube::core::NamespaceResourceScope, DynamicType = ()>,
 {

@@ -364,6 +364,23 @@ spec:
     )
 }
 
+/// Removes the managed-by label from the copy `name`: it drops out of the operator's cache.
+async fn unlabel(copies: &Api<ConfigMap>, name: &str) -> Result<()> {
+    let unlabel = json!({"metadata": {"labels": {"app.kubernetes.io/managed-by": null}}});
+    copies.patch(name, &PatchParams::default(), &Patch::Merge(unlabel)).await?;
+    Ok(())
+}
+
+/// Waits until the unlabelled copy `name` is gone and the broadcast `name` counts no namespace.
+async fn expect_unlabelled_copy_deleted(client: &Client, copies: &Api<ConfigMap>, name: &str) -> Result<()> {
+    eventually(CONVERGE, "the unlabelled copy to be deleted", || async {
+        Ok(copies.get_opt(name).await?.is_none().then_some(()))
+    })
+    .await?;
+    wait_for_counts(client, name, 0, 0).await?;
+    Ok(())
+}
+
 #[tokio::test]
 async fn a_copy_that_lost_its_label_is_deleted_when_its_namespace_stops_matching() -> Result<()> {
     let f = Fixture::new("e2e.example.com/unlabelled", "gone").await?;
@@ -394,15 +411,10 @@ async fn a_copy_that_lost_its_label_is_deleted_when_its_namespace_stops_matching
     ensure!(message.contains("held by the test"), "{message}");
     // The copy loses its managed-by label (it drops out of the operator's cache); then the
     // policy goes.
-    let unlabel = json!({"metadata": {"labels": {"app.kubernetes.io/managed-by": null}}});
-    copies.patch(&name, &PatchParams::default(), &Patch::Merge(unlabel)).await?;
+    unlabel(&copies, &name).await?;
     kubectl_policy(cluster, "delete", &policy)?;
 
-    eventually(CONVERGE, "the unlabelled copy to be deleted", || async {
-        Ok(copies.get_opt(&name).await?.is_none().then_some(()))
-    })
-    .await?;
-    wait_for_counts(&client, &name, 0, 0).await?;
+    expect_unlabelled_copy_deleted(&client, &copies, &name).await?;
     Api::<MessageBroadcast>::all(client.clone()).delete(&name, &DeleteParams::default()).await?;
     controllers.stop().await?;
     home.delete().await
@@ -421,16 +433,11 @@ async fn a_copy_that_lost_its_label_while_no_operator_ran_is_deleted_after_a_res
     // With no operator running, the copy loses its managed-by label (a restarted operator's
     // cache never holds it) and its namespace stops matching.
     let copies: Api<ConfigMap> = Api::namespaced(client.clone(), &home.name);
-    let unlabel = json!({"metadata": {"labels": {"app.kubernetes.io/managed-by": null}}});
-    copies.patch(&name, &PatchParams::default(), &Patch::Merge(unlabel)).await?;
+    unlabel(&copies, &name).await?;
     f.select(&home.name, false).await?;
 
     let controllers = f.start_controllers().await?;
-    eventually(CONVERGE, "the unlabelled copy to be deleted by the restarted operator", || async {
-        Ok(copies.get_opt(&name).await?.is_none().then_some(()))
-    })
-    .await?;
-    wait_for_counts(&client, &name, 0, 0).await?;
+    expect_unlabelled_copy_deleted(&client, &copies, &name).await?;
     Api::<MessageBroadcast>::all(client.clone()).delete(&name, &DeleteParams::default()).await?;
     controllers.stop().await?;
     home.delete().await

@@ -59,7 +59,7 @@ enum Command {
     /// rounds, medians with min–max; prints a table and writes target/bench/results.json.
     Bench {
         /// MyResources to converge (SPEC: 1,000 by default, 10,000 for the large run).
-        #[arg(long, default_value_t = 1000)]
+        #[arg(long, default_value_t = bench::DEFAULT_OBJECTS)]
         objects: usize,
         /// Interleaved rounds; every figure is their median (the table says when fewer than 5).
         #[arg(long, default_value_t = bench::DEFAULT_ROUNDS)]

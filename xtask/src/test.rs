@@ -17,8 +17,8 @@ fn workspace_unless_narrowed(cargo_test_args: &[String]) -> Option<&'static str>
     (!narrowed).then_some("--workspace")
 }
 
-/// Runs `cargo test --workspace` (or the packages asked for) against the local control plane, starting it first when none
-/// is running and stopping it afterwards if this call started it.
+/// Runs `cargo test --workspace` (or the packages asked for) against the local control plane,
+/// starting it first when none is running and stopping it afterwards if this call started it.
 pub fn run(root: &Path, long: bool, with_node: bool, cargo_test_args: &[String]) -> Result<()> {
     let (state, started) = cluster::up(root, with_node)?;
     eprintln!("running tests against {} (Kubernetes {})", state.server, state.kubernetes_version);

@@ -32,6 +32,8 @@ use crate::harness::{AUDIT_LOG, free_port, http_get};
 
 pub use convergence::ConvergencePhase;
 
+/// MyResources per phase unless `--objects` says otherwise; its results go to `results.json`.
+pub const DEFAULT_OBJECTS: usize = 1000;
 /// Rounds per run unless `--rounds` says otherwise.
 pub const DEFAULT_ROUNDS: usize = 5;
 /// Namespaces the 64 KiB broadcast is fanned out to.
@@ -65,13 +67,14 @@ pub fn run(root: &Path, options: &Options) -> Result<()> {
         "benchmarking against {} (Kubernetes {}): {} objects, {} rounds, fan-out to {} namespaces",
         state.server, state.kubernetes_version, options.objects, options.rounds, options.fanout_namespaces
     );
+    let results = results_path(root, options.objects);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let outcome = runtime.block_on(async {
         let admin = cluster::admin_client(&state).await?;
         install_crds(root, &state.admin_kubeconfig)?;
         let kubeconfig = identity::ensure(&admin, &state).await?;
         let bench = Bench {
-            results: results_path(root, options.objects),
+            results: results.clone(),
             admin,
             kubeconfig,
             operator,
@@ -89,9 +92,8 @@ pub fn run(root: &Path, options: &Options) -> Result<()> {
     let rounds = outcome?;
     let report = report::Report::new(options, rounds);
     report.print();
-    let path = results_path(root, options.objects);
-    report.write(&path)?;
-    println!("\nwrote {}", path.display());
+    report.write(&results)?;
+    println!("\nwrote {}", results.display());
     Ok(())
 }
 
@@ -99,7 +101,7 @@ pub fn run(root: &Path, options: &Options) -> Result<()> {
 /// 10,000-object run does not replace the 1,000-object one.
 fn results_path(root: &Path, objects: usize) -> PathBuf {
     let dir = crate::target_dir(root).join("bench");
-    if objects == 1000 { dir.join("results.json") } else { dir.join(format!("results-{objects}.json")) }
+    if objects == DEFAULT_OBJECTS { dir.join("results.json") } else { dir.join(format!("results-{objects}.json")) }
 }
 
 fn install_crds(root: &Path, kubeconfig: &Path) -> Result<()> {
