@@ -16,6 +16,7 @@ use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 use tokio::process::Command;
 
+use super::cpu::CpuTime;
 use super::{Bench, CONVERGE_TIMEOUT, Process, STANDALONE, identity};
 
 /// The operator's default `--concurrency myresource=N`, and the peer's.
@@ -71,6 +72,8 @@ pub struct PhaseResult {
     pub peak_rss_mib: Option<f64>,
     /// Where the operator's time went, from its own metrics (operator phases only).
     pub operator_time: Option<OperatorTime>,
+    /// CPU used from the first create until the last Ready.
+    pub cpu: CpuTime,
 }
 
 /// The operator's reconciles in one phase, from its metrics when the phase ends: what each
@@ -119,12 +122,18 @@ impl PhaseResult {
                 )
             })
             .unwrap_or_default();
+        let cpu = &self.cpu;
+        let reconciler = cpu.reconciler_s.map(|s| format!("reconciler {s:.1}, ")).unwrap_or_default();
         format!(
-            "{:<14} {:>8.2} s, {:.2} requests ({:.2} writes) per object{rss}{time}",
+            "{:<14} {:>8.2} s, {:.2} requests ({:.2} writes) per object{rss}{time}; CPU s: {reconciler}apiserver {:.1}, etcd {:.1}, bench {:.1}, machine busy {:.0} %",
             self.phase,
             self.seconds,
             per(self.requests),
-            per(self.writes)
+            per(self.writes),
+            cpu.apiserver_s,
+            cpu.etcd_s,
+            cpu.bench_s,
+            cpu.machine_busy * 100.0
         )
     }
 }
@@ -135,14 +144,18 @@ pub async fn run(bench: &Bench, round: usize, phase: ConvergencePhase, namespace
     let label = format!("bench-r{round}-{}", phase.name());
     let standalone_before = bench.audited(STANDALONE)?;
     let mut operator_time = None;
-    let (seconds, peak_rss_mib) = match phase {
-        ConvergencePhase::Limit(concurrency) => (limit(bench, namespace, &label, concurrency).await?, None),
+    let (seconds, peak_rss_mib, cpu) = match phase {
+        ConvergencePhase::Limit(concurrency) => {
+            let before = bench.cpu.sample(None)?;
+            let seconds = limit(bench, namespace, &label, concurrency).await?;
+            (seconds, None, before.until(&bench.cpu.sample(None)?))
+        }
         ConvergencePhase::Peer => {
             let peer = start_peer(bench, namespace, &label)?;
-            let seconds = converge(bench, namespace).await?;
+            let (seconds, cpu) = converge(bench, namespace, Some(peer.pid()?)).await?;
             let rss = peer.peak_rss_mib()?;
             peer.stop().await?;
-            (seconds, Some(rss))
+            (seconds, Some(rss), cpu)
         }
         ConvergencePhase::Operator(workers) => {
             let concurrency = format!("myresource={workers}");
@@ -152,11 +165,11 @@ pub async fn run(bench: &Bench, round: usize, phase: ConvergencePhase, namespace
                 &["--leader-elect=false", "--controllers=myresource", "--concurrency", &concurrency],
             )?;
             operator.wait_for_metrics().await?;
-            let seconds = converge(bench, namespace).await?;
+            let (seconds, cpu) = converge(bench, namespace, Some(operator.pid()?)).await?;
             operator_time = Some(OperatorTime::from_metrics(&operator.metrics().await?, workers, seconds));
             let rss = operator.peak_rss_mib()?;
             operator.stop().await?;
-            (seconds, Some(rss))
+            (seconds, Some(rss), cpu)
         }
     };
     let requests = match phase {
@@ -170,6 +183,7 @@ pub async fn run(bench: &Bench, round: usize, phase: ConvergencePhase, namespace
         writes: requests.writes,
         peak_rss_mib,
         operator_time,
+        cpu,
     })
 }
 
@@ -188,8 +202,10 @@ fn start_peer(bench: &Bench, namespace: &str, label: &str) -> Result<Process> {
     Ok(Process { child, metrics_port: 0 })
 }
 
-/// Seconds from the first create until every object is Ready.
-async fn converge(bench: &Bench, namespace: &str) -> Result<f64> {
+/// Seconds from the first create until every object is Ready, and the CPU used meanwhile by
+/// `reconciler` and the control plane.
+async fn converge(bench: &Bench, namespace: &str, reconciler: Option<u32>) -> Result<(f64, CpuTime)> {
+    let before = bench.cpu.sample(reconciler)?;
     let started = Instant::now();
     let (created, ready) = tokio::join!(
         bench.create_resources(namespace, None),
@@ -197,7 +213,8 @@ async fn converge(bench: &Bench, namespace: &str) -> Result<f64> {
     );
     created?;
     ready?;
-    Ok(started.elapsed().as_secs_f64())
+    let seconds = started.elapsed().as_secs_f64();
+    Ok((seconds, before.until(&bench.cpu.sample(reconciler)?)))
 }
 
 /// The limit: the operator's writes per new object (create the ConfigMap, publish the event,

@@ -8,6 +8,7 @@
 
 mod audit;
 mod convergence;
+mod cpu;
 mod identity;
 mod report;
 mod scenarios;
@@ -82,6 +83,7 @@ pub fn run(root: &Path, options: &Options) -> Result<()> {
             state: state.clone(),
             options: options.clone(),
             audit: Mutex::new(audit::Tally::new(state.dir.join(AUDIT_LOG))),
+            cpu: cpu::Watched { apiserver: state.component("kube-apiserver")?.pid, etcd: state.component("etcd")?.pid },
         };
         bench.all_rounds().await
     });
@@ -152,6 +154,8 @@ struct Bench {
     state: ClusterState,
     options: Options,
     audit: Mutex<audit::Tally>,
+    /// The control plane's processes, for CPU time per phase.
+    cpu: cpu::Watched,
     /// Where the report so far is written after each round.
     results: PathBuf,
 }

@@ -270,6 +270,29 @@ impl Report {
         for phase in [ConvergencePhase::Operator(DEFAULT_CONCURRENCY), ConvergencePhase::Peer] {
             figures.push(Figure::new(format!("peak RSS converging, {}", phase.name()), "MiB", rss(phase), None));
         }
+        // Where the machine's time went: CPU per object of the reconciler and the API server, and
+        // how busy the cores were (a phase at ~100 % is bound by CPU, not by round trips).
+        for phase in [
+            ConvergencePhase::Operator(DEFAULT_CONCURRENCY),
+            ConvergencePhase::Peer,
+            ConvergencePhase::Limit(DEFAULT_CONCURRENCY),
+        ] {
+            let name = phase.name();
+            let cpu = |f: &dyn Fn(&super::cpu::CpuTime) -> Option<f64>| -> Vec<f64> {
+                rounds.iter().filter_map(|r| f(&r.phases.iter().find(|p| p.phase == name)?.cpu)).collect()
+            };
+            let per_object_ms = |s: f64| s / objects * 1000.0;
+            let machine = cpu(&|c| Some(per_object_ms(c.machine_s)));
+            figures.push(Figure::new(format!("machine CPU per object, {name}"), "ms", machine, None));
+            let apiserver = cpu(&|c| Some(per_object_ms(c.apiserver_s)));
+            figures.push(Figure::new(format!("API server CPU per object, {name}"), "ms", apiserver, None));
+            let reconciler = cpu(&|c| c.reconciler_s.map(per_object_ms));
+            if !reconciler.is_empty() {
+                figures.push(Figure::new(format!("reconciler CPU per object, {name}"), "ms", reconciler, None));
+            }
+            let busy = cpu(&|c| Some(c.machine_busy * 100.0));
+            figures.push(Figure::new(format!("machine busy, {name}"), "%", busy, None));
+        }
         // Where the operator's time went: per reconcile, and how busy its workers were.
         for concurrency in OPERATOR_CONCURRENCIES {
             let name = ConvergencePhase::Operator(concurrency).name();

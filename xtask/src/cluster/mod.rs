@@ -592,7 +592,7 @@ fn etcd_port(args: &[String]) -> Option<u16> {
 
 impl ClusterState {
     /// The recorded process named `name`.
-    fn component(&self, name: &str) -> Result<&ProcessRecord> {
+    pub fn component(&self, name: &str) -> Result<&ProcessRecord> {
         self.processes.iter().find(|p| p.name == name).with_context(|| {
             let known: Vec<&str> = self.processes.iter().map(|p| p.name.as_str()).collect();
             format!("no component {name:?}; components: {}", known.join(", "))
