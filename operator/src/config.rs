@@ -50,7 +50,8 @@ pub struct Cli {
     #[arg(long, env = "POD_NAMESPACE")]
     pub leader_election_namespace: Option<String>,
 
-    /// Identity of this replica in the Lease. Defaults to POD_NAME, else hostname plus a random suffix.
+    /// Identity of this replica in the Lease and its User-Agent. Defaults to POD_NAME, else hostname
+    /// plus a random suffix (with leader election) or `standalone` (without).
     #[arg(long, env = "POD_NAME")]
     pub identity: Option<String>,
 
@@ -172,9 +173,15 @@ pub fn election_request_timeout(renew_deadline: Duration) -> Duration {
     (renew_deadline / 2).min(MAX_ELECTION_REQUEST_TIMEOUT)
 }
 
+/// The name of a replica without leader election and without `--identity`.
+pub const STANDALONE_IDENTITY: &str = "standalone";
+
 /// The validated configuration.
 #[derive(Clone, Debug)]
 pub struct Config {
+    /// This replica's name in its User-Agent: the election identity, else `--identity`, else
+    /// [`STANDALONE_IDENTITY`].
+    pub identity: String,
     pub kubeconfig: Option<PathBuf>,
     /// The Lease's own kubeconfig; `None` uses `kubeconfig`.
     pub election_kubeconfig: Option<PathBuf>,
@@ -330,12 +337,13 @@ impl Cli {
                 return Err(ConfigError::ZeroTimeout(flag));
             }
         }
+        let identity = self.identity.filter(|id| !id.is_empty());
         let election = if self.leader_elect {
             validate_timing(self.lease_duration, self.renew_deadline, self.retry_period)?;
             Some(ElectionConfig {
                 lease_name: self.leader_election_id,
                 lease_namespace: self.leader_election_namespace.filter(|ns| !ns.is_empty()),
-                identity: self.identity.filter(|id| !id.is_empty()).unwrap_or_else(default_identity),
+                identity: identity.clone().unwrap_or_else(default_identity),
                 lease_duration: self.lease_duration,
                 renew_deadline: self.renew_deadline,
                 retry_period: self.retry_period,
@@ -346,6 +354,11 @@ impl Cli {
             None
         };
         Ok(Config {
+            identity: election
+                .as_ref()
+                .map(|e| e.identity.clone())
+                .or(identity)
+                .unwrap_or_else(|| STANDALONE_IDENTITY.to_owned()),
             kubeconfig: self.kubeconfig,
             election_kubeconfig: self.leader_election_kubeconfig,
             api_request_timeout: self.api_request_timeout,
@@ -395,6 +408,17 @@ mod tests {
         assert_eq!(config.metrics_address, Some(SocketAddr::from(([0, 0, 0, 0], 8080))));
         assert_eq!(config.probe_address, Some(SocketAddr::from(([0, 0, 0, 0], 8081))));
         assert_eq!(config.controllers.controllers.len(), 2);
+        Ok(())
+    }
+
+    #[test]
+    fn a_replica_without_leader_election_keeps_its_identity_in_its_user_agent() -> Result<(), String> {
+        let elected = parse(&["--identity", "pod-0"])?;
+        assert_eq!(elected.identity, "pod-0");
+        let named = parse(&["--leader-elect=false", "--identity", "bench-r1"])?;
+        assert_eq!((named.identity.as_str(), named.election.is_none()), ("bench-r1", true));
+        let unnamed = parse(&["--leader-elect=false", "--identity", ""])?;
+        assert_eq!(unnamed.identity, STANDALONE_IDENTITY);
         Ok(())
     }
 

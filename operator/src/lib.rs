@@ -57,7 +57,7 @@ pub async fn run(config: Config) -> Result<ExitCode> {
     registry.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
     let stale_after = config.election.as_ref().map(|e| e.lease_duration + e.retry_period * 2);
     let health = Arc::new(Health::new(stale_after));
-    let identity = config.election.as_ref().map_or("standalone", |e| e.identity.as_str()).to_owned();
+    let identity = config.identity.clone();
     let kube_config = client::kube_config(config.kubeconfig.as_deref()).await?;
     let kubeconfig_namespace = kube_config.default_namespace.clone();
     let client = client::build(kube_config, &identity, config.api_request_timeout, &metrics)?;

@@ -15,14 +15,6 @@ pub struct Requests {
     pub writes: u64,
 }
 
-impl std::ops::Sub for Requests {
-    type Output = Self;
-
-    fn sub(self, earlier: Self) -> Self {
-        Self { total: self.total.saturating_sub(earlier.total), writes: self.writes.saturating_sub(earlier.writes) }
-    }
-}
-
 /// The audit events read so far, counted by User-Agent.
 pub struct Tally {
     log: PathBuf,

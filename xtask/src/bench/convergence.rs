@@ -17,7 +17,7 @@ use serde_json::json;
 use tokio::process::Command;
 
 use super::cpu::CpuTime;
-use super::{Bench, CONVERGE_TIMEOUT, Process, STANDALONE, identity};
+use super::{Bench, CONVERGE_TIMEOUT, Process, identity};
 
 /// The operator's default `--concurrency myresource=N`, and the peer's.
 pub const DEFAULT_CONCURRENCY: usize = 4;
@@ -142,7 +142,6 @@ impl PhaseResult {
 pub async fn run(bench: &Bench, round: usize, phase: ConvergencePhase, namespace: &str) -> Result<PhaseResult> {
     bench.create_namespace(namespace, json!({})).await?;
     let label = format!("bench-r{round}-{}", phase.name());
-    let standalone_before = bench.audited(STANDALONE)?;
     let mut operator_time = None;
     let (seconds, peak_rss_mib, cpu) = match phase {
         ConvergencePhase::Limit(concurrency) => {
@@ -172,10 +171,7 @@ pub async fn run(bench: &Bench, round: usize, phase: ConvergencePhase, namespace
             (seconds, Some(rss), cpu)
         }
     };
-    let requests = match phase {
-        ConvergencePhase::Operator(_) => bench.audited(STANDALONE)? - standalone_before,
-        _ => bench.audited(&label)?,
-    };
+    let requests = bench.audited(&label)?;
     Ok(PhaseResult {
         phase: phase.name(),
         seconds,

@@ -362,11 +362,6 @@ impl Bench {
     }
 }
 
-/// The User-Agent label of an operator without leader election: it names itself `standalone`
-/// whatever its `--identity`, so its requests are told apart by time instead (the benchmark runs
-/// one such operator at a time).
-const STANDALONE: &str = "standalone";
-
 /// The name of the `i`th benchmark object.
 fn object_name(i: usize) -> String {
     format!("bench-{i:05}")
