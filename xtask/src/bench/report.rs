@@ -2,7 +2,9 @@
 //! of the issue and whether the median meets it (and by how much it misses). Ratios are taken
 //! within a round first, so drift of the machine between rounds cancels.
 
-use super::convergence::{ConvergencePhase, DEFAULT_CONCURRENCY, LIMIT_CONCURRENCIES, OPERATOR_CONCURRENCIES};
+use super::convergence::{
+    ConvergencePhase, DEFAULT_CONCURRENCY, LIMIT_CONCURRENCIES, OPERATOR_CONCURRENCIES, PhaseResult,
+};
 use super::{CHART_MEMORY_LIMIT_MIB, DEFAULT_ROUNDS, Options, Round};
 
 /// The `p` quantile (0–1) of `sorted`, nearest rank.
@@ -91,6 +93,12 @@ impl Figure {
     }
 }
 
+/// `value` of `phase` in every round that ran it and measured it.
+fn per_round(rounds: &[Round], phase: ConvergencePhase, value: impl Fn(&PhaseResult) -> Option<f64>) -> Vec<f64> {
+    let name = phase.name();
+    rounds.iter().filter_map(|r| value(r.phases.iter().find(|p| p.phase == name)?)).collect()
+}
+
 /// The machine the run was made on.
 #[derive(Debug, serde::Serialize)]
 pub struct Machine {
@@ -132,22 +140,11 @@ pub struct Report {
 impl Report {
     pub fn new(options: &Options, rounds: Vec<Round>) -> Self {
         let objects = options.objects as f64;
-        let seconds = |phase: ConvergencePhase| -> Vec<f64> {
-            let name = phase.name();
-            rounds.iter().filter_map(|r| r.phases.iter().find(|p| p.phase == name)).map(|p| p.seconds).collect()
+        let seconds = |phase: ConvergencePhase| per_round(&rounds, phase, |p| Some(p.seconds));
+        let per_object = |phase: ConvergencePhase, writes: bool| {
+            per_round(&rounds, phase, |p| Some(if writes { p.writes } else { p.requests } as f64 / objects))
         };
-        let per_object = |phase: ConvergencePhase, writes: bool| -> Vec<f64> {
-            let name = phase.name();
-            rounds
-                .iter()
-                .filter_map(|r| r.phases.iter().find(|p| p.phase == name))
-                .map(|p| if writes { p.writes } else { p.requests } as f64 / objects)
-                .collect()
-        };
-        let rss = |phase: ConvergencePhase| -> Vec<f64> {
-            let name = phase.name();
-            rounds.iter().filter_map(|r| r.phases.iter().find(|p| p.phase == name)?.peak_rss_mib).collect()
-        };
+        let rss = |phase: ConvergencePhase| per_round(&rounds, phase, |p| p.peak_rss_mib);
         let ratio = |a: &[f64], b: &[f64]| -> Vec<f64> { a.iter().zip(b).map(|(a, b)| a / b).collect() };
         // The limit of a round: its fastest bare-client concurrency.
         let limit: Vec<f64> = (0..rounds.len())
@@ -278,9 +275,7 @@ impl Report {
             ConvergencePhase::Limit(DEFAULT_CONCURRENCY),
         ] {
             let name = phase.name();
-            let cpu = |f: &dyn Fn(&super::cpu::CpuTime) -> Option<f64>| -> Vec<f64> {
-                rounds.iter().filter_map(|r| f(&r.phases.iter().find(|p| p.phase == name)?.cpu)).collect()
-            };
+            let cpu = |f: &dyn Fn(&super::cpu::CpuTime) -> Option<f64>| per_round(&rounds, phase, |p| f(&p.cpu));
             let per_object_ms = |s: f64| s / objects * 1000.0;
             let machine = cpu(&|c| Some(per_object_ms(c.machine_s)));
             figures.push(Figure::new(format!("machine CPU per object, {name}"), "ms", machine, None));
@@ -295,12 +290,10 @@ impl Report {
         }
         // Where the operator's time went: per reconcile, and how busy its workers were.
         for concurrency in OPERATOR_CONCURRENCIES {
-            let name = ConvergencePhase::Operator(concurrency).name();
-            let time = |f: &dyn Fn(&super::convergence::OperatorTime) -> f64| -> Vec<f64> {
-                rounds
-                    .iter()
-                    .filter_map(|r| r.phases.iter().find(|p| p.phase == name)?.operator_time.as_ref().map(f))
-                    .collect()
+            let phase = ConvergencePhase::Operator(concurrency);
+            let name = phase.name();
+            let time = |f: &dyn Fn(&super::convergence::OperatorTime) -> f64| {
+                per_round(&rounds, phase, |p| p.operator_time.as_ref().map(f))
             };
             figures.push(Figure::new(format!("mean reconcile, {name}"), "ms", time(&|t| t.mean_reconcile_ms), None));
             figures.push(Figure::new(format!("mean queue wait, {name}"), "ms", time(&|t| t.mean_queue_wait_ms), None));
