@@ -2,10 +2,13 @@
 //!
 //! Every request names this replica in its User-Agent (`example-operator/<version> (<identity>)`),
 //! so the API server's audit log and metrics tell replicas apart. Every request has a connect
-//! timeout and a read timeout: a request that is not a watch must get its response headers, and
-//! then each piece of its body, within the request timeout; a watch may stay silent for longer
-//! than the server's own watch timeout, so idle watches are never cut. The election gets a client
-//! of its own (its own connections), so slow controller traffic never delays a renewal.
+//! timeout, and every request that is not a watch must get its response headers, and then each
+//! piece of its body, within the request timeout, retries included: kube's retries of 429, 503
+//! and 504 (honouring Retry-After) run inside that bound, and each attempt is counted in
+//! `rest_client_requests_total` with its own code. Watches have no read timeout here: kube-runtime's
+//! watcher reconnects a watch that stays silent past the server's watch timeout plus a margin,
+//! so an idle watch is never cut and a dead one never hangs. The election gets a client of its
+//! own (its own connections), so slow controller traffic never delays a renewal.
 
 use std::future::Future;
 use std::path::Path;
@@ -16,13 +19,13 @@ use std::time::Duration;
 use anyhow::{Context as _, Result};
 use http::header::{HeaderValue, USER_AGENT};
 use kube::Client;
+use kube::client::retry::RetryPolicy;
 
 /// How long any connection attempt may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Connection-level read timeout: longer than the server-side watch timeout kube-runtime's
-/// watcher asks for (290 s) plus its own idle margin, so an idle watch is never cut here.
-pub const WATCH_READ_TIMEOUT: Duration = Duration::from_secs(330);
+/// Requests waiting for the one connection pool at once (a tower buffer): beyond it, callers wait.
+const REQUEST_BUFFER: usize = 1024;
 
 /// The User-Agent of this replica: the program, its version, and the replica's identity.
 pub fn user_agent(identity: &str) -> String {
@@ -41,8 +44,13 @@ pub async fn kube_config(path: Option<&Path>) -> Result<kube::Config> {
     }
 }
 
-/// A client for `config` that names `identity`, applies the timeouts above with
-/// `request_timeout` for requests that are not watches, and counts its requests in `metrics`.
+/// A client for `config` that names `identity`, bounds every request that is not a watch by
+/// `request_timeout` (retries included), and counts every attempt in `metrics`.
+///
+/// From the inside out: kube's connection stack (TLS, auth, User-Agent) without its own retry
+/// layer; the request metrics, so each attempt is counted; kube's server-aware retry policy
+/// (429/503/504, Retry-After); the request timeout around all of it, so no request is retried
+/// past its deadline.
 pub fn build(
     mut config: kube::Config,
     identity: &str,
@@ -54,13 +62,41 @@ pub fn build(
     config.headers.retain(|(name, _)| name != USER_AGENT);
     config.headers.push((USER_AGENT, agent));
     config.connect_timeout = Some(CONNECT_TIMEOUT);
-    config.read_timeout = Some(WATCH_READ_TIMEOUT);
+    // kube 5's default: no connection read timeout (it would count a pooled connection's idle
+    // time against the next response); the layer below bounds every request that is not a watch.
+    config.read_timeout = None;
     config.write_timeout = Some(request_timeout);
+    // Retried below, outside the metrics layer, so each attempt is counted.
+    config.default_retry = false;
     let host = config.cluster_url.host().unwrap_or_default().to_owned();
-    Ok(kube::client::ClientBuilder::try_from(config)?
-        .with_layer(&metrics.rest_client_layer(host))
+    Ok(with_request_layers(
+        kube::client::ClientBuilder::try_from(config)?,
+        metrics.rest_client_layer(host),
+        request_timeout,
+    ))
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The layers [`build`] puts around kube's connection stack `base`: metrics per attempt, retries,
+/// the request timeout.
+fn with_request_layers<S>(
+    base: kube::client::ClientBuilder<S>,
+    metrics: reconcilers::metrics::RestClientMetricsLayer,
+    request_timeout: Duration,
+) -> Client
+where
+    S: tower::Service<http::Request<kube::client::Body>, Response = http::Response<Box<kube::client::DynBody>>>
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError> + Send + Sync,
+{
+    base.with_layer(&metrics)
+        .with_layer(&tower::buffer::BufferLayer::new(REQUEST_BUFFER))
+        .with_layer(&tower::retry::RetryLayer::new(RetryPolicy::server_retry()))
         .with_layer(&RequestTimeoutLayer { timeout: request_timeout })
-        .build())
+        .build()
 }
 
 /// True for a watch request (`?watch=true` or `?watch=1`), whose body may be silent for minutes.
@@ -96,8 +132,6 @@ pub struct RequestTimeout<S> {
 #[error("no response from the API server within {0:?}")]
 pub struct TimedOut(pub Duration);
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
 impl<S, ReqBody, ResBody> tower::Service<http::Request<ReqBody>> for RequestTimeout<S>
 where
     S: tower::Service<http::Request<ReqBody>, Response = http::Response<ResBody>>,
@@ -126,8 +160,8 @@ where
     }
 }
 
-/// A response body that fails when no piece of it arrives within its timeout (`None`: waits
-/// as long as the connection's read timeout allows).
+/// A response body that fails when no piece of it arrives within its timeout (`None`: a watch,
+/// which waits as long as the watcher's own idle timeout allows).
 pub struct IdleTimeoutBody<B> {
     inner: Pin<Box<B>>,
     timeout: Option<Duration>,
@@ -242,5 +276,62 @@ mod tests {
         let mut watch = IdleTimeoutBody::new(SilentBody, None);
         let waited = tokio::time::timeout(Duration::from_secs(3600), watch.frame()).await;
         assert!(waited.is_err(), "a watch body may stay silent");
+    }
+
+    /// An API server that answers each request with the next of `codes` (200 once they run out),
+    /// a Retry-After of `retry_after` seconds on every 429.
+    fn api_server(
+        codes: Vec<u16>,
+        retry_after: &'static str,
+    ) -> impl tower::Service<
+        http::Request<kube::client::Body>,
+        Response = http::Response<Box<kube::client::DynBody>>,
+        Error = BoxError,
+        Future = impl Future<Output = Result<http::Response<Box<kube::client::DynBody>>, BoxError>> + Send,
+    > + Send
+    + 'static {
+        let codes = std::sync::Arc::new(std::sync::Mutex::new(std::collections::VecDeque::from(codes)));
+        tower::service_fn(move |_: http::Request<kube::client::Body>| {
+            let code = codes.lock().map(|mut codes| codes.pop_front().unwrap_or(200)).unwrap_or(500);
+            async move {
+                let body = http_body_util::Full::new(bytes::Bytes::from_static(b"ok"))
+                    .map_err(|never: std::convert::Infallible| -> BoxError { match never {} });
+                let mut response = http::Response::new(Box::new(body) as Box<kube::client::DynBody>);
+                *response.status_mut() = http::StatusCode::from_u16(code)?;
+                if code == 429 {
+                    response.headers_mut().insert("Retry-After", HeaderValue::from_static(retry_after));
+                }
+                Ok::<_, BoxError>(response)
+            }
+        })
+    }
+
+    fn get(path: &str) -> Result<http::Request<Vec<u8>>> {
+        Ok(http::Request::get(path).body(Vec::new())?)
+    }
+
+    #[tokio::test]
+    async fn a_throttled_request_is_retried_and_each_attempt_is_counted() -> Result<()> {
+        let metrics = reconcilers::Metrics::new()?;
+        let base = kube::client::ClientBuilder::new(api_server(vec![429, 429], "0"), "default");
+        let client = with_request_layers(base, metrics.rest_client_layer("api"), Duration::from_secs(5));
+        assert_eq!(client.request_text(get("/api/v1/namespaces")?).await?, "ok");
+        assert_eq!(metrics.request_summary(), "GET 200: 1, GET 429: 2");
+        Ok(())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_request_is_retried_past_its_deadline() -> Result<()> {
+        let metrics = reconcilers::Metrics::new()?;
+        // Throttled for good, each time told to come back in 2 s.
+        let base = kube::client::ClientBuilder::new(api_server(vec![429; 100], "2"), "default");
+        let client = with_request_layers(base, metrics.rest_client_layer("api"), Duration::from_secs(5));
+        let started = tokio::time::Instant::now();
+        let error = client.request_text(get("/api/v1/namespaces")?).await.err().map(|e| e.to_string());
+        assert!(error.as_deref().is_some_and(|e| e.contains("within 5s")), "{error:?}");
+        assert_eq!(started.elapsed(), Duration::from_secs(5), "the request ends at its deadline");
+        // Attempts at 0, 2 and 4 s; none after the deadline.
+        assert_eq!(metrics.request_summary(), "GET 429: 3");
+        Ok(())
     }
 }

@@ -320,19 +320,46 @@ where
     }
 
     fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
-        let method = request.method().as_str().to_owned();
-        let requests = self.requests.clone();
-        let host = self.host.clone();
+        let attempt = Attempt {
+            requests: self.requests.clone(),
+            method: request.method().as_str().to_owned(),
+            host: self.host.clone(),
+            counted: false,
+        };
         let response = self.inner.call(request);
         Box::pin(async move {
+            let mut attempt = attempt;
             let result = response.await;
             // controller-runtime reports transport failures with the code "<error>".
-            let code = match &result {
-                Ok(response) => response.status().as_u16().to_string(),
-                Err(_) => "<error>".to_owned(),
-            };
-            requests.with_label_values(&[code.as_str(), method.as_str(), host.as_str()]).inc();
+            match &result {
+                Ok(response) => attempt.count(response.status().as_str()),
+                Err(_) => attempt.count("<error>"),
+            }
             result
         })
+    }
+}
+
+/// One attempt of a request, counted once: with its code, or as `<error>` when it is dropped
+/// unanswered (a caller's timeout gave up on it).
+struct Attempt {
+    requests: IntCounterVec,
+    method: String,
+    host: String,
+    counted: bool,
+}
+
+impl Attempt {
+    fn count(&mut self, code: &str) {
+        self.counted = true;
+        self.requests.with_label_values(&[code, self.method.as_str(), self.host.as_str()]).inc();
+    }
+}
+
+impl Drop for Attempt {
+    fn drop(&mut self) {
+        if !self.counted {
+            self.count("<error>");
+        }
     }
 }

@@ -151,7 +151,7 @@ async fn install_upgrade_and_uninstall_keep_the_crds_and_custom_resources() -> R
 
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns);
     let deployment = deployments.get("ops-example-operator").await?;
-    let spec = deployment.spec.context("deployment spec")?;
+    let spec = deployment.spec;
     ensure!(spec.replicas == Some(2), "two replicas by default");
     let pod = spec.template.spec.context("pod spec")?;
     let container = pod.containers.first().context("a container")?;
@@ -207,7 +207,7 @@ async fn install_upgrade_and_uninstall_keep_the_crds_and_custom_resources() -> R
             "logging.format=text",
         ],
     )?)?;
-    let upgraded = deployments.get("ops-example-operator").await?.spec.context("deployment spec")?;
+    let upgraded = deployments.get("ops-example-operator").await?.spec;
     ensure!(upgraded.replicas == Some(3));
     let args =
         upgraded.template.spec.and_then(|p| p.containers.first().and_then(|c| c.args.clone())).unwrap_or_default();
@@ -350,7 +350,7 @@ fn rendered_deployment(cluster: &TestCluster, args: &[&str]) -> Result<Deploymen
 
 /// The operator container and the Pod spec of a Deployment.
 fn pod_of(deployment: &Deployment) -> Result<(k8s_openapi::api::core::v1::PodSpec, Container)> {
-    let pod = deployment.spec.as_ref().and_then(|s| s.template.spec.clone()).context("a pod spec")?;
+    let pod = deployment.spec.template.spec.clone().context("a pod spec")?;
     let container = pod.containers.first().cloned().context("a container")?;
     Ok((pod, container))
 }
@@ -460,7 +460,7 @@ async fn image_security_contexts_probes_strategy_and_spread_are_configurable_wit
     ensure!(security.read_only_root_filesystem == Some(true) && security.allow_privilege_escalation == Some(false));
     let pod_security = pod.security_context.clone().context("pod securityContext")?;
     ensure!(pod_security.run_as_user == Some(65532) && pod_security.run_as_non_root == Some(true));
-    let spec = deployment.spec.clone().context("deployment spec")?;
+    let spec = deployment.spec.clone();
     ensure!(spec.revision_history_limit == Some(10) && spec.strategy.is_none());
     let spread = pod.topology_spread_constraints.clone().unwrap_or_default();
     ensure!(
@@ -539,7 +539,7 @@ topologySpreadConstraints:
     let liveness = container.liveness_probe.clone().context("livenessProbe")?;
     ensure!(liveness.period_seconds == Some(20) && probe_path(&container.liveness_probe).is_some());
     ensure!(container.readiness_probe.and_then(|p| p.failure_threshold) == Some(6));
-    let spec = deployment.spec.context("deployment spec")?;
+    let spec = deployment.spec;
     ensure!(spec.revision_history_limit == Some(3));
     let rolling = spec.strategy.and_then(|s| s.rolling_update).context("a rolling update")?;
     ensure!(rolling.max_unavailable == Some(IntOrString::Int(0)));

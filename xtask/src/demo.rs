@@ -25,9 +25,22 @@ const LEASE: &str = "example-operator-leader";
 /// The Helm release on the local node (its full name, so the Lease is `example-operator-leader`).
 const RELEASE: &str = "example-operator";
 
+/// PATH for kubectl and helm: the local cluster's own tools first (kubectl matching its API
+/// server); unset with a cluster from KUBECONFIG, where the machine's kubectl is used.
+static TOOL_PATH: std::sync::OnceLock<std::ffi::OsString> = std::sync::OnceLock::new();
+
+/// `kubectl`, with the local cluster's tools first on PATH when there is one.
+fn kubectl_command() -> Command {
+    let mut command = Command::new("kubectl");
+    if let Some(path) = TOOL_PATH.get() {
+        command.env("PATH", path);
+    }
+    command
+}
+
 fn kubectl(kubeconfig: &Path, args: &[&str]) -> Result<String> {
     let output =
-        Command::new("kubectl").arg("--kubeconfig").arg(kubeconfig).args(args).output().context("running kubectl")?;
+        kubectl_command().arg("--kubeconfig").arg(kubeconfig).args(args).output().context("running kubectl")?;
     if !output.status.success() {
         bail!("kubectl {} failed: {}", args.join(" "), String::from_utf8_lossy(&output.stderr));
     }
@@ -77,9 +90,14 @@ pub fn run(root: &Path, once: bool) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     if let Some(path) = std::env::var_os("KUBECONFIG").filter(|k| !k.is_empty()) {
         eprintln!("using the cluster in KUBECONFIG={}", path.to_string_lossy());
+        if Command::new("kubectl").arg("version").arg("--client").output().is_err() {
+            bail!("kubectl is needed to demo against the cluster in KUBECONFIG: install one matching that cluster");
+        }
         return run_processes(root, &PathBuf::from(path), once, &runtime);
     }
-    let (state, started) = cluster::up(root, true)?;
+    crate::packages::ensure(crate::packages::PROMETHEUS)?;
+    let (state, started) = cluster::up(root, true, cluster::binaries::DEFAULT_KUBERNETES)?;
+    let _ = TOOL_PATH.set(state.path_with_tools()?);
     let verb = if started { "started" } else { "reusing" };
     eprintln!("{verb} the local cluster at {} (Kubernetes {})", state.server, state.kubernetes_version);
     let result = if state.containerd_socket.is_some() {
@@ -106,7 +124,7 @@ fn run_on_node(
     let (repository, tag) = reference.rsplit_once(':').context("an image reference")?;
     let helm = |args: &[&str]| -> Result<String> {
         let output = Command::new("helm")
-            .env("PATH", state.path_with_tools()?)
+            .env("PATH", TOOL_PATH.get().context("the local cluster's tools")?)
             .arg("--kubeconfig")
             .arg(kubeconfig)
             .args(args)
@@ -279,7 +297,7 @@ fn run_processes(root: &Path, kubeconfig: &Path, once: bool, runtime: &tokio::ru
 
 fn apply_stdin(kubeconfig: &Path, manifest: &str) -> Result<()> {
     use std::io::Write;
-    let mut child = Command::new("kubectl")
+    let mut child = kubectl_command()
         .arg("--kubeconfig")
         .arg(kubeconfig)
         .args(["apply", "-f", "-"])

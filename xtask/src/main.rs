@@ -13,6 +13,7 @@ mod cluster;
 mod crdgen;
 mod demo;
 mod image;
+mod packages;
 mod test;
 
 use xtask::harness;
@@ -84,6 +85,12 @@ enum Command {
         /// Start the local cluster without its node (the tests that need Pods then fail).
         #[arg(long)]
         no_node: bool,
+        /// Run against this Kubernetes minor instead: its own private control plane, no node; with
+        /// no test arguments, the supported-versions subset (`--test supported_kubernetes`).
+        /// Without this flag and without test arguments, the run ends with that subset against
+        /// the oldest supported minor.
+        #[arg(long, value_name = "MINOR")]
+        kubernetes: Option<String>,
         /// Arguments passed to `cargo test` (e.g. `-p e2e-tests -- crd`).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         cargo_test_args: Vec<String>,
@@ -100,6 +107,10 @@ enum ClusterAction {
         /// enough for everything but Pods.
         #[arg(long)]
         no_node: bool,
+        /// The Kubernetes minor to build and run: the default, or the oldest supported one
+        /// (built without a node, so it implies --no-node).
+        #[arg(long, value_name = "MINOR", default_value = cluster::binaries::DEFAULT_KUBERNETES)]
+        kubernetes: String,
     },
     /// Stop the recorded processes and delete the cluster folder.
     Down,
@@ -160,8 +171,12 @@ fn main() -> Result<()> {
         Command::Crdgen { check } => crdgen::run(&root, check),
         Command::ChartDocs { check } => chart_docs::run(&root, check),
         Command::Cluster { action } => match action {
-            ClusterAction::Up { no_node } => {
-                let (state, started) = cluster::up(&root, !no_node)?;
+            ClusterAction::Up { no_node, kubernetes } => {
+                let with_node = !no_node && cluster::binaries::has_node(&kubernetes);
+                if !no_node && !with_node {
+                    eprintln!("Kubernetes {kubernetes} is built without a node: starting its control plane only");
+                }
+                let (state, started) = cluster::up(&root, with_node, &kubernetes)?;
                 let verb = if started { "started" } else { "already running" };
                 eprintln!("local control plane {verb}: {} (Kubernetes {})", state.server, state.kubernetes_version);
                 eprintln!("point a shell at it with: eval \"$(cargo xtask cluster env)\"");
@@ -187,7 +202,9 @@ fn main() -> Result<()> {
             println!("{}", image::run(&root, debug)?);
             Ok(())
         }
-        Command::Test { long, no_node, cargo_test_args } => test::run(&root, long, !no_node, &cargo_test_args),
+        Command::Test { long, no_node, kubernetes, cargo_test_args } => {
+            test::run(&root, &test::Options { long, with_node: !no_node, kubernetes, cargo_test_args })
+        }
     }
 }
 

@@ -63,7 +63,7 @@ pub fn run(root: &Path, options: &Options) -> Result<()> {
     let operator = crate::build_release_operator(root)?;
     let peer = cluster::binaries::ensure_peer(root)?;
     eprintln!("starting a private control plane for the benchmarks (the work tree's cluster is left alone)");
-    let state = cluster::start_private(root)?;
+    let state = cluster::start_private(root, cluster::binaries::DEFAULT_KUBERNETES)?;
     eprintln!(
         "benchmarking against {} (Kubernetes {}): {} objects, {} rounds, fan-out to {} namespaces",
         state.server, state.kubernetes_version, options.objects, options.rounds, options.fanout_namespaces

@@ -19,6 +19,13 @@ struct GoModule {
     sources: &'static [&'static str],
 }
 
+/// The Kubernetes minor the local cluster runs unless told otherwise (`xtask/go/kubernetes`).
+pub const DEFAULT_KUBERNETES: &str = "1.37";
+/// The oldest Kubernetes minor this project supports and tests (`xtask/go/kubernetes-1.33`): the
+/// oldest k8s-openapi 0.29 (kube 5) has types for. README "Supported Kubernetes versions".
+pub const OLDEST_KUBERNETES: &str = "1.33";
+
+/// The default minor: control plane, node and kubectl.
 const KUBERNETES: GoModule = GoModule {
     dir: "kubernetes",
     pinned: "k8s.io/kubernetes",
@@ -32,6 +39,36 @@ const KUBERNETES: GoModule = GoModule {
     ],
     sources: &[],
 };
+
+/// The oldest supported minor: control plane and kubectl (no node: the chart's Pods are tested
+/// on the default minor).
+const KUBERNETES_OLDEST: GoModule = GoModule {
+    dir: "kubernetes-1.33",
+    pinned: "k8s.io/kubernetes",
+    binaries: &[
+        ("kube-apiserver", "k8s.io/kubernetes/cmd/kube-apiserver"),
+        ("kube-controller-manager", "k8s.io/kubernetes/cmd/kube-controller-manager"),
+        ("kubectl", "k8s.io/kubernetes/cmd/kubectl"),
+    ],
+    sources: &[],
+};
+
+/// The wrapper module of a Kubernetes minor (`1.37`, `1.33`).
+fn kubernetes_module(minor: &str) -> Result<&'static GoModule> {
+    match minor {
+        DEFAULT_KUBERNETES => Ok(&KUBERNETES),
+        OLDEST_KUBERNETES => Ok(&KUBERNETES_OLDEST),
+        other => bail!(
+            "Kubernetes {other} is not built here: the supported minors are {OLDEST_KUBERNETES} (the oldest) \
+             and {DEFAULT_KUBERNETES} (the default)"
+        ),
+    }
+}
+
+/// True when `minor` has a node (kubelet, kube-proxy, kube-scheduler) built for it.
+pub fn has_node(minor: &str) -> bool {
+    minor == DEFAULT_KUBERNETES
+}
 
 const ETCD: GoModule = GoModule {
     dir: "etcd",
@@ -68,13 +105,20 @@ const CONTROLLER_GEN: GoModule = GoModule {
 pub struct Binaries {
     pub kube_apiserver: PathBuf,
     pub kube_controller_manager: PathBuf,
-    pub kubelet: PathBuf,
-    pub kube_proxy: PathBuf,
-    pub kube_scheduler: PathBuf,
+    /// The node's components; `None` for a minor built without them.
+    pub node: Option<NodeBinaries>,
     pub etcd: PathBuf,
     pub helm: PathBuf,
     /// Kubernetes version the API server reports, e.g. `v1.37.2`.
     pub kubernetes_version: String,
+}
+
+/// The node's components of one Kubernetes build.
+#[derive(Clone, Debug)]
+pub struct NodeBinaries {
+    pub kubelet: PathBuf,
+    pub kube_proxy: PathBuf,
+    pub kube_scheduler: PathBuf,
 }
 
 impl Binaries {
@@ -102,19 +146,24 @@ pub fn cache_dir() -> Result<PathBuf> {
     Ok(PathBuf::from(home).join(".cache/example-operator"))
 }
 
-/// Returns the cached binaries, building whichever are missing.
-pub fn ensure(root: &Path) -> Result<Binaries> {
+/// Returns the cached binaries of Kubernetes `minor` (see [`DEFAULT_KUBERNETES`]), building
+/// whichever are missing.
+pub fn ensure(root: &Path, minor: &str) -> Result<Binaries> {
     let go_dir = root.join("xtask/go");
     let cache = cache_dir()?.join("bin");
-    let kubernetes = build_module(&go_dir, &cache, &KUBERNETES, kubernetes_ldflags)?;
+    let module = kubernetes_module(minor)?;
+    let kubernetes = build_module(&go_dir, &cache, module, kubernetes_ldflags)?;
     let etcd = build_module(&go_dir, &cache, &ETCD, |_, _| Ok(String::from("-s -w")))?;
     let helm = build_module(&go_dir, &cache, &HELM, helm_ldflags)?;
-    Ok(Binaries {
-        kube_apiserver: kubernetes.0.join("kube-apiserver"),
-        kube_controller_manager: kubernetes.0.join("kube-controller-manager"),
+    let node = has_node(minor).then(|| NodeBinaries {
         kubelet: kubernetes.0.join("kubelet"),
         kube_proxy: kubernetes.0.join("kube-proxy"),
         kube_scheduler: kubernetes.0.join("kube-scheduler"),
+    });
+    Ok(Binaries {
+        kube_apiserver: kubernetes.0.join("kube-apiserver"),
+        kube_controller_manager: kubernetes.0.join("kube-controller-manager"),
+        node,
         etcd: etcd.0.join("etcd"),
         helm: helm.0.join("helm"),
         kubernetes_version: kubernetes.1,
@@ -181,6 +230,16 @@ pub(super) fn fingerprint(parts: &[&str]) -> String {
     format!("{hash:016x}")
 }
 
+/// Free space a first build needs beside the binary cache: Go's module and build caches of one
+/// Kubernetes release come to about 6 GiB here, with room to spare.
+const BUILD_DISK_GIB: u64 = 10;
+
+/// Checks, before a long build, what a build cannot install itself: Go and disk space.
+fn preflight(cache: &Path) -> Result<()> {
+    crate::packages::check_go()?;
+    crate::packages::check_disk(cache, BUILD_DISK_GIB, "building the local cluster from Go modules")
+}
+
 /// Builds every binary of `module` into `cache/<dir>-<version>-<fingerprint>/` unless present.
 /// Returns that folder and the pinned version.
 fn build_module(
@@ -209,6 +268,7 @@ fn build_module(
     }
     // Build into a scratch folder and rename it into place, so an interrupted build never
     // leaves a half-written binary in the cache.
+    preflight(cache)?;
     let partial = target.with_extension(format!("partial-{}", std::process::id()));
     std::fs::create_dir_all(&partial).with_context(|| format!("creating {}", partial.display()))?;
     for (name, package) in module.binaries {

@@ -97,6 +97,14 @@ impl ClusterState {
             .with_context(|| format!("writing {}", path.display()))
     }
 
+    /// The Kubernetes minor it runs (`1.37` of `v1.37.2`).
+    pub fn minor(&self) -> Option<&str> {
+        let version = self.kubernetes_version.strip_prefix('v')?;
+        let (major, rest) = version.split_once('.')?;
+        let minor_len = rest.find('.').unwrap_or(rest.len());
+        version.get(..major.len() + 1 + minor_len)
+    }
+
     /// Reports of recorded processes that are no longer running.
     pub fn crashed(&self) -> Vec<String> {
         self.processes.iter().filter(|p| !p.is_running()).map(ProcessRecord::crash_report).collect()
@@ -154,21 +162,34 @@ impl ClusterState {
     }
 }
 
-/// Brings the control plane up, or returns the one already running for this work tree; either
-/// way makes sure it has the Prometheus Operator's monitoring CRDs (cached, so cheap).
-/// The boolean is true when this call started it.
-pub fn up(root: &Path, with_node: bool) -> Result<(ClusterState, bool)> {
+/// Brings the control plane of Kubernetes `minor` up, or returns the one already running for this
+/// work tree; either way makes sure it has the Prometheus Operator's monitoring CRDs (cached, so
+/// cheap). The boolean is true when this call started it. A recorded cluster of another minor is
+/// an error (stop it first), and so is a node asked of a minor built without one.
+pub fn up(root: &Path, with_node: bool, minor: &str) -> Result<(ClusterState, bool)> {
+    if with_node && !binaries::has_node(minor) {
+        bail!(
+            "Kubernetes {minor} is built without a node (the chart's Pods run on {}): add --no-node",
+            binaries::DEFAULT_KUBERNETES
+        );
+    }
     if let Some(state) = ClusterState::load(root)? {
         if state.crashed().is_empty() {
+            if state.minor() != Some(minor) {
+                bail!(
+                    "the running local cluster is Kubernetes {}, not {minor}: stop it first with `cargo xtask cluster down`",
+                    state.kubernetes_version
+                );
+            }
             monitoring::install(root, &state)?;
             return Ok((state, false));
         }
         eprintln!("the recorded cluster has stopped; cleaning it up:\n{}", state.crashed().join("\n"));
         state.stop(root)?;
     }
-    let binaries = binaries::ensure(root)?;
+    let binaries = binaries::ensure(root, minor)?;
     if with_node {
-        node::ensure_packages()?;
+        crate::packages::ensure(crate::packages::NODE)?;
     }
     let state = start(&binaries, with_node)?;
     state.save(root)?;
@@ -176,11 +197,12 @@ pub fn up(root: &Path, with_node: bool) -> Result<(ClusterState, bool)> {
     Ok((state, true))
 }
 
-/// Starts a control plane of its own (no node) in a fresh temporary folder, not recorded as the
-/// work tree's cluster: for a caller that must neither disturb nor be disturbed by the shared one
-/// (the benchmarks). Stop it with [`ClusterState::stop_private`].
-pub fn start_private(root: &Path) -> Result<ClusterState> {
-    let binaries = binaries::ensure(root)?;
+/// Starts a control plane of Kubernetes `minor` of its own (no node) in a fresh temporary folder,
+/// not recorded as the work tree's cluster: for a caller that must neither disturb nor be
+/// disturbed by the shared one (the benchmarks, the oldest minor's tests). Stop it with
+/// [`ClusterState::stop_private`].
+pub fn start_private(root: &Path, minor: &str) -> Result<ClusterState> {
+    let binaries = binaries::ensure(root, minor)?;
     start(&binaries, false)
 }
 
@@ -371,11 +393,12 @@ fn start_node(
     let proxy_kubeconfig = pki::write_kubeconfig(pki, &node::KUBE_PROXY, server, dir)?;
     let scheduler_kubeconfig = pki::write_kubeconfig(pki, &node::SCHEDULER, server, dir)?;
     let kubelet_args = node::kubelet_args(&files, &kubelet_kubeconfig);
-    state.processes.push(process::spawn("kubelet", &binaries.kubelet, &kubelet_args, logs)?);
+    let components = binaries.node.as_ref().context("this Kubernetes build has no node components")?;
+    state.processes.push(process::spawn("kubelet", &components.kubelet, &kubelet_args, logs)?);
     let proxy_args = node::kube_proxy_args(&proxy_kubeconfig)?;
-    state.processes.push(process::spawn("kube-proxy", &binaries.kube_proxy, &proxy_args, logs)?);
+    state.processes.push(process::spawn("kube-proxy", &components.kube_proxy, &proxy_args, logs)?);
     let scheduler_args = node::scheduler_args(&scheduler_kubeconfig)?;
-    state.processes.push(process::spawn("kube-scheduler", &binaries.kube_scheduler, &scheduler_args, logs)?);
+    state.processes.push(process::spawn("kube-scheduler", &components.kube_scheduler, &scheduler_args, logs)?);
     wait_for(state, "the node to be Ready", Duration::from_secs(180), || runtime.block_on(node_ready(client)))
 }
 

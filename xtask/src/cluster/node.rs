@@ -38,8 +38,6 @@ pub const PAUSE_IMAGE: &str = "example-operator.local/pause:3.10";
 pub const NO_REGISTRY: &str = "http://127.0.0.1:9";
 /// Our iptables chain in the filter table (jumped to from FORWARD).
 const CHAIN: &str = "EXAMPLE-OPERATOR-NODE";
-/// Debian packages the node needs.
-const PACKAGES: &[&str] = &["containerd", "runc", "containernetworking-plugins", "iptables", "conntrack"];
 /// The CNI plugins Debian installs.
 const CNI_BIN_DIR: &str = "/usr/lib/cni";
 
@@ -61,36 +59,6 @@ fn run(program: &str, args: &[&str]) -> Result<String> {
 /// Runs a command whose failure only means there was nothing to undo.
 fn run_quietly(program: &str, args: &[&str]) {
     let _ = Command::new(program).args(args).output();
-}
-
-/// Installs the Debian packages the node needs, when any is missing.
-pub fn ensure_packages() -> Result<()> {
-    let missing: Vec<&str> = PACKAGES
-        .iter()
-        .copied()
-        .filter(|package| {
-            !Command::new("dpkg-query")
-                .args(["-W", "-f=${Status}", package])
-                .output()
-                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
-        })
-        .collect();
-    if missing.is_empty() {
-        return Ok(());
-    }
-    eprintln!("installing Debian packages for the node: {}", missing.join(" "));
-    run("apt-get", &["update", "-qq"])?;
-    let mut args = vec!["install", "-y", "-qq"];
-    args.extend(&missing);
-    let status = Command::new("apt-get")
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .args(&args)
-        .status()
-        .context("running apt-get install")?;
-    if !status.success() {
-        bail!("apt-get install {} failed", missing.join(" "));
-    }
-    Ok(())
 }
 
 /// Creates the Pods' bridge with the node's address, the blackhole routes and our FORWARD
