@@ -82,6 +82,10 @@ enum Attempt {
     HeldBy(String),
     /// Another writer changed the Lease since it was read (409): nothing was written.
     Conflict,
+    /// The Lease is gone, and the last record this replica saw (or, having seen none, its first
+    /// look) is not yet a lease duration old by its own clock: its holder may still lead and
+    /// re-create it, so nothing was written.
+    Vanished,
 }
 
 /// What this replica last saw of the Lease, and when by its own clock the record last changed.
@@ -103,7 +107,10 @@ pub struct Elector {
 
 #[derive(Debug, Default)]
 struct ElectorState {
+    /// The last record seen, kept when the Lease is deleted: a deletion is not a release.
     observed: Option<Observed>,
+    /// When this replica, having seen no record at all, first found no Lease.
+    absent_since: Option<Instant>,
     /// When this replica's last successful acquisition or renewal was sent, while it leads.
     last_renew: Option<Instant>,
 }
@@ -122,6 +129,10 @@ fn now_micro() -> MicroTime {
 
 fn is_conflict(error: &kube::Error) -> bool {
     matches!(error, kube::Error::Api(status) if status.code == 409)
+}
+
+fn is_not_found(error: &kube::Error) -> bool {
+    matches!(error, kube::Error::Api(status) if status.code == 404)
 }
 
 impl Elector {
@@ -164,10 +175,13 @@ impl Elector {
         state.observed = Some(Observed { lease: lease.clone(), changed_at });
     }
 
-    /// When the observed Lease expires by this replica's clock; `None` when it is free.
+    /// When the observed Lease expires by this replica's clock; `None` when it is free. With no
+    /// record seen at all and no Lease found, one lease duration after this replica first looked.
     fn expiry(&self) -> Option<Instant> {
         let state = self.state();
-        let seen = state.observed.as_ref()?;
+        let Some(seen) = state.observed.as_ref() else {
+            return state.absent_since.map(|since| since + self.config.lease_duration);
+        };
         if holder(&seen.lease).is_empty() {
             return None;
         }
@@ -197,13 +211,13 @@ impl Elector {
                     self.observe(&written, Instant::now());
                     return Ok(Attempt::Leading(sent));
                 }
-                // Someone else wrote the Lease: read it and decide as a candidate would.
-                Err(error) if is_conflict(&error) => {}
+                // Someone else wrote the Lease, or deleted it: read it and decide.
+                Err(error) if is_conflict(&error) || is_not_found(&error) => {}
                 Err(error) => return Err(error),
             }
         }
         let Some(current) = self.leases.get_opt(&self.config.lease_name).await? else {
-            return self.create().await;
+            return self.create_if_free().await;
         };
         let now = Instant::now();
         self.observe(&current, now);
@@ -232,6 +246,37 @@ impl Elector {
             }
             Err(error) if is_conflict(&error) => Ok(Attempt::Conflict),
             Err(error) => Err(error),
+        }
+    }
+
+    /// No Lease exists. A leader re-creates its own at once, so a deletion never interrupts its
+    /// term. A candidate treats a deletion like an unchanged record: it creates the Lease only
+    /// once the last record it saw expired by its own clock, as if the Lease were still there
+    /// unrenewed; having seen no record at all, it waits one lease duration from its first look
+    /// (a leader whose Lease was deleted just before has re-created it by then).
+    async fn create_if_free(&self) -> Result<Attempt, kube::Error> {
+        let now = Instant::now();
+        let leading = {
+            let mut state = self.state();
+            if state.observed.is_none() && state.absent_since.is_none() {
+                state.absent_since = Some(now);
+            }
+            state.last_renew.is_some()
+        };
+        if !leading && self.expiry().is_some_and(|expiry| now < expiry) {
+            return Ok(Attempt::Vanished);
+        }
+        match self.create().await? {
+            // Leading, and someone else created it first: they can only have done so after this
+            // replica's record expired for them, so say who holds it now and stop at once.
+            Attempt::Conflict if leading => match self.leases.get_opt(&self.config.lease_name).await? {
+                Some(current) => {
+                    self.observe(&current, Instant::now());
+                    Ok(Attempt::HeldBy(holder(&current).to_owned()))
+                }
+                None => Ok(Attempt::Conflict),
+            },
+            attempt => Ok(attempt),
         }
     }
 
@@ -318,6 +363,12 @@ impl Elector {
                     }
                 }
                 Ok(Attempt::Conflict) => tracing::info!("another replica wrote the lease first"),
+                Ok(Attempt::Vanished) => {
+                    if reported_holder.as_deref() != Some("") {
+                        tracing::info!("the lease is gone; waiting out the last record seen before creating it");
+                        reported_holder = Some(String::new());
+                    }
+                }
                 Err(error) => tracing::warn!(%error, "leader election attempt failed"),
             }
             let next_poll = Instant::now() + self.jittered_retry();
@@ -333,10 +384,9 @@ impl Elector {
                                 break;
                             }
                         }
-                        Some(Ok(watcher::Event::Delete(_))) => {
-                            self.state().observed = None;
-                            break;
-                        }
+                        // A deletion is not a release: the record seen last stays, and its expiry
+                        // still decides when this replica may create a new Lease.
+                        Some(Ok(watcher::Event::Delete(_))) => break,
                         Some(Ok(_)) => {}
                         Some(Err(error)) => tracing::debug!(%error, "watching the lease failed; polling meanwhile"),
                         None => {
@@ -371,7 +421,9 @@ impl Elector {
                     self.renewed(sent);
                 }
                 Ok(Attempt::HeldBy(leader)) => return Err(self.lost(LeadershipLost::HeldBy(leader))),
-                Ok(Attempt::Conflict) => tracing::warn!("renewing the lease met a concurrent write; reading it again"),
+                Ok(Attempt::Conflict | Attempt::Vanished) => {
+                    tracing::warn!("renewing the lease met a concurrent write; reading it again")
+                }
                 Err(error) => tracing::warn!(%error, "renewing the lease failed; retrying until the renew deadline"),
             }
         }

@@ -13,14 +13,92 @@ use tokio_util::sync::CancellationToken;
 use super::fake::*;
 use super::*;
 
+/// A candidate that has seen no record waits one lease duration (4 s) before creating the Lease:
+/// a leader whose Lease was just deleted would have re-created it by then.
 #[tokio::test(start_paused = true)]
-async fn a_missing_lease_is_created_naming_this_replica() -> anyhow::Result<()> {
+async fn a_missing_lease_is_created_naming_this_replica_after_one_lease_duration() -> anyhow::Result<()> {
     let fake = Arc::new(Mutex::new(FakeLeases::default()));
     let a = elector(&fake, "a")?;
+    let started = Instant::now();
     assert!(a.acquire(&CancellationToken::new()).await);
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_secs(4) && waited < Duration::from_secs(5), "waited {waited:?}");
     let lease = lease_in(&fake).ok_or_else(|| anyhow::anyhow!("no lease"))?;
     assert_eq!(holder(&lease), "a");
     assert_eq!(lease.spec.and_then(|s| s.lease_transitions), Some(0));
+    Ok(())
+}
+
+fn delete_lease(fake: &Arc<Mutex<FakeLeases>>) {
+    if let Ok(mut fake) = fake.lock() {
+        fake.lease = None;
+    }
+}
+
+/// Deleting the Lease under a leader and a standby: the standby treats the deletion like an
+/// unchanged record and waits; the leader re-creates the Lease at its next renewal and keeps
+/// leading; the standby then sees the new record and never creates one of its own.
+#[tokio::test(start_paused = true)]
+async fn a_deleted_lease_is_recreated_by_its_leader_and_never_taken_by_a_standby() -> anyhow::Result<()> {
+    let fake = Arc::new(Mutex::new(FakeLeases::default()));
+    seed(&fake, held_by("other", jiff::Timestamp::now()));
+    delete_lease(&fake);
+    let a = elector(&fake, "a")?;
+    let b = elector(&fake, "b")?;
+    assert!(a.acquire(&CancellationToken::new()).await, "a leads after waiting out its first look");
+    assert_eq!(b.attempt(None).await, Ok(Attempt::HeldBy("a".into())));
+
+    let stop = CancellationToken::new();
+    let renewing = tokio::spawn({
+        let stop = stop.clone();
+        async move { a.keep_renewing(&stop).await }
+    });
+    for _ in 0..20 {
+        delete_lease(&fake);
+        // Right after the deletion, the standby finds no Lease: it must not create one.
+        assert_eq!(b.attempt(None).await, Ok(Attempt::Vanished));
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        assert_eq!(holder_in(&fake), "a", "the leader re-created its Lease");
+        assert_eq!(b.attempt(None).await, Ok(Attempt::HeldBy("a".into())));
+    }
+    assert!(!renewing.is_finished(), "the leader kept leading through every deletion");
+    stop.cancel();
+    assert_eq!(renewing.await?, Ok(()));
+    let creates_by_b = fake.lock().map(|f| f.writes.iter().filter(|(_, holder)| holder == "b").count()).unwrap_or(1);
+    assert_eq!(creates_by_b, 0, "the standby never wrote the Lease");
+    Ok(())
+}
+
+/// A Lease deleted after its leader died is free one lease duration after the standby last saw
+/// it change, as if it were still there unrenewed.
+#[tokio::test(start_paused = true)]
+async fn a_deleted_lease_is_taken_only_once_the_last_record_seen_expired() -> anyhow::Result<()> {
+    let fake = Arc::new(Mutex::new(FakeLeases::default()));
+    seed(&fake, held_by("dead", jiff::Timestamp::now()));
+    let b = elector(&fake, "b")?;
+    assert_eq!(b.attempt(None).await, Ok(Attempt::HeldBy("dead".into())));
+    let seen = Instant::now();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    delete_lease(&fake);
+    assert!(b.acquire(&CancellationToken::new()).await);
+    let waited = seen.elapsed();
+    assert!(waited >= Duration::from_secs(4) && waited < Duration::from_secs(5), "waited {waited:?}");
+    assert_eq!(holder_in(&fake), "b");
+    Ok(())
+}
+
+/// A leader that finds another holder when it re-creates its deleted Lease stops at once.
+#[tokio::test(start_paused = true)]
+async fn a_leader_whose_lease_was_recreated_by_another_stops_at_its_next_renewal() -> anyhow::Result<()> {
+    let fake = Arc::new(Mutex::new(FakeLeases::default()));
+    let a = elector(&fake, "a")?;
+    assert!(a.acquire(&CancellationToken::new()).await);
+    delete_lease(&fake);
+    seed(&fake, held_by("intruder", jiff::Timestamp::now()));
+    let started = Instant::now();
+    let lost = a.keep_renewing(&CancellationToken::new()).await;
+    assert_eq!(lost, Err(LeadershipLost::HeldBy("intruder".into())));
+    assert!(started.elapsed() <= Duration::from_millis(600), "stopped at the first renewal");
     Ok(())
 }
 
