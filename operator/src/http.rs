@@ -5,6 +5,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{Query, State};
@@ -84,7 +85,19 @@ fn probe_response(probe: &str, checks: &[CheckResult], verbose: bool) -> Respons
     (code, [(header::CONTENT_TYPE, "text/plain; charset=utf-8")], body).into_response()
 }
 
-/// Binds `address` now (so a taken port fails start-up) and serves `router` until `shutdown`.
+/// How long a client may take to finish the TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a client may take to send a request's headers (hyper's header read timeout); a
+/// client that stops half-way is disconnected.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// After shutdown, how long open connections may take to finish the request they are serving
+/// before they are closed, whatever their clients do.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Binds `address` now (so a taken port fails start-up) and serves `router` over plain HTTP until
+/// `shutdown`; the task ends at most [`SHUTDOWN_GRACE`] after it.
 pub async fn serve(
     address: SocketAddr,
     router: Router,
@@ -92,20 +105,11 @@ pub async fn serve(
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {
     let listener = tokio::net::TcpListener::bind(address).await?;
     tracing::info!(address = %listener.local_addr()?, "serving HTTP");
-    Ok(tokio::spawn(async move {
-        let served =
-            axum::serve(listener, router).with_graceful_shutdown(async move { shutdown.cancelled().await }).await;
-        if let Err(error) = served {
-            tracing::error!(%error, "HTTP server failed");
-        }
-    }))
+    Ok(tokio::spawn(accept_connections(listener, router, None, shutdown)))
 }
 
-/// How long a client may take to finish the TLS handshake.
-const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
-
-/// Binds `address` now and serves `router` over TLS until `shutdown`. Each connection is
-/// handshaken on its own task, so a slow client never holds up another (a kubelet probe).
+/// Binds `address` now and serves `router` over TLS until `shutdown`; the task ends at most
+/// [`SHUTDOWN_GRACE`] after it.
 pub async fn serve_tls(
     address: SocketAddr,
     router: Router,
@@ -115,46 +119,77 @@ pub async fn serve_tls(
     let listener = tokio::net::TcpListener::bind(address).await?;
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
     tracing::info!(address = %listener.local_addr()?, "serving HTTPS");
-    Ok(tokio::spawn(async move {
-        let connections = tokio_util::task::TaskTracker::new();
-        loop {
-            let (stream, peer) = tokio::select! {
-                () = shutdown.cancelled() => break,
-                accepted = listener.accept() => match accepted {
-                    Ok(accepted) => accepted,
-                    Err(error) => {
-                        // Out of file descriptors and the like: wait instead of spinning.
-                        tracing::warn!(%error, "accepting a connection failed");
-                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                        continue;
-                    }
-                },
+    Ok(tokio::spawn(accept_connections(listener, router, Some(acceptor), shutdown)))
+}
+
+/// Accepts connections until `shutdown`, each served on a task of its own (so a slow client
+/// never holds up another, a kubelet probe), then waits for them: each gets [`SHUTDOWN_GRACE`]
+/// to finish its request and is closed after that.
+async fn accept_connections(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    shutdown: CancellationToken,
+) {
+    let connections = tokio_util::task::TaskTracker::new();
+    loop {
+        let (stream, peer) = tokio::select! {
+            () = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Out of file descriptors and the like: wait instead of spinning.
+                    tracing::warn!(%error, "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let (tls, router, shutdown) = (tls.clone(), router.clone(), shutdown.clone());
+        connections.spawn(async move {
+            let Some(acceptor) = tls else {
+                return serve_connection(stream, router, peer, shutdown).await;
             };
-            let (acceptor, router, shutdown) = (acceptor.clone(), router.clone(), shutdown.clone());
-            connections.spawn(async move {
-                let stream = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+            let handshake = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream));
+            let stream = tokio::select! {
+                () = shutdown.cancelled() => return,
+                handshake = handshake => match handshake {
                     Ok(Ok(stream)) => stream,
                     Ok(Err(error)) => return tracing::debug!(%peer, %error, "TLS handshake failed"),
                     Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
-                };
-                let service = hyper_util::service::TowerToHyperService::new(router);
-                let connection = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
-                tokio::pin!(connection);
-                tokio::select! {
-                    served = connection.as_mut() => if let Err(error) = served {
-                        tracing::debug!(%peer, %error, "HTTPS connection ended with an error");
-                    },
-                    () = shutdown.cancelled() => {
-                        connection.as_mut().graceful_shutdown();
-                        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), connection).await;
-                    }
-                }
-            });
+                },
+            };
+            serve_connection(stream, router, peer, shutdown).await;
+        });
+    }
+    drop(listener);
+    connections.close();
+    connections.wait().await;
+}
+
+/// Serves HTTP/1.1 on one connection until the client closes it, or until `shutdown` plus
+/// [`SHUTDOWN_GRACE`] at most.
+async fn serve_connection<S>(stream: S, router: Router, peer: SocketAddr, shutdown: CancellationToken)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper_util::service::TowerToHyperService::new(router);
+    let connection = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+    tokio::pin!(connection);
+    tokio::select! {
+        served = connection.as_mut() => if let Err(error) = served {
+            tracing::debug!(%peer, %error, "HTTP connection ended with an error");
+        },
+        () = shutdown.cancelled() => {
+            connection.as_mut().graceful_shutdown();
+            if tokio::time::timeout(SHUTDOWN_GRACE, connection).await.is_err() {
+                tracing::debug!(%peer, "closed a connection still open after the shutdown grace period");
+            }
         }
-        connections.close();
-        connections.wait().await;
-    }))
+    }
 }
 
 #[cfg(test)]

@@ -85,8 +85,7 @@ pub async fn run(config: Config) -> Result<ExitCode> {
         None => {
             tracing::info!("leader election disabled; starting controllers");
             health.set_leading(true);
-            caches.controllers(shutdown.clone()).await;
-            ExitCode::SUCCESS
+            run_without_election(&caches, &shutdown, config.shutdown_timeout).await
         }
         Some(election) => {
             let namespace = election
@@ -175,6 +174,32 @@ async fn serve_http(
         }
     }
     Ok(servers)
+}
+
+/// Runs the controllers until shutdown (leader election off), then drains them for at most
+/// `shutdown_timeout` and aborts what is left. Controllers that stop on their own exit non-zero.
+async fn run_without_election(
+    caches: &reconcilers::Caches,
+    shutdown: &CancellationToken,
+    shutdown_timeout: std::time::Duration,
+) -> ExitCode {
+    let mut controllers = tokio::spawn(caches.controllers(shutdown.clone()));
+    tokio::select! {
+        _ = &mut controllers => {
+            if shutdown.is_cancelled() {
+                return ExitCode::SUCCESS;
+            }
+            tracing::error!("the controllers stopped on their own");
+            return ExitCode::from(EXIT_CONTROLLERS_FAILED);
+        }
+        () = shutdown.cancelled() => {}
+    }
+    if tokio::time::timeout(shutdown_timeout, &mut controllers).await.is_err() {
+        tracing::warn!(timeout = ?shutdown_timeout, "controllers did not stop in time; aborting them");
+        controllers.abort();
+        let _ = controllers.await;
+    }
+    ExitCode::SUCCESS
 }
 
 /// How one term of leadership ended.

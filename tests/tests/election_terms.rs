@@ -118,3 +118,35 @@ async fn a_candidate_started_just_after_a_deletion_does_not_take_the_lease() -> 
     ensure!(b.reconciles().await? == 0.0, "the late candidate reconciled");
     Ok(())
 }
+
+/// A client that sent half a request, and another that sent nothing, do not keep the process
+/// alive after SIGTERM: with and without leader election it exits 0 within the chart's default
+/// termination grace period (30 s) minus a margin, while both still hold their connections.
+#[tokio::test]
+async fn sigterm_with_stalled_http_clients_exits_zero_within_the_grace_period() -> Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let f = Fixture::new("term-stalled").await?;
+    for election in [true, false] {
+        let mut args: Vec<&str> = TEST_LEASE.to_vec();
+        if !election {
+            args = vec!["--leader-elect=false", "--shutdown-timeout", "5s"];
+        }
+        let mut replica = f.replica(if election { "stalled-leader" } else { "stalled-standalone" }, LEASE, &args)?;
+        if election {
+            leads(&f, &replica, Duration::from_secs(30)).await?;
+        }
+        let address = ("127.0.0.1", replica.probe_port);
+        let mut half_sent = tokio::net::TcpStream::connect(address).await?;
+        half_sent.write_all(b"GET /healthz HTTP/1.1\r\nHost: operator\r\nX-Stalled: ").await?;
+        let silent = tokio::net::TcpStream::connect(address).await?;
+        replica.signal(nix::sys::signal::Signal::SIGTERM)?;
+        let code = replica.wait(Duration::from_secs(20)).await;
+        ensure!(
+            matches!(code, Ok(Some(0))),
+            "election {election}: the replica did not exit 0 within 20 s of SIGTERM ({code:?}):\n{}",
+            replica.log_text()
+        );
+        drop((half_sent, silent));
+    }
+    Ok(())
+}

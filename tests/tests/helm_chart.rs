@@ -244,6 +244,17 @@ async fn values_that_cannot_work_together_fail_with_what_to_change() -> Result<(
         ),
         (vec!["--set", "leaderElection.leaseDuration=1500ms"], "must be a whole number of seconds"),
         (vec!["--set", "metrics.port=8081"], "metrics.port and probePort are both 8081"),
+        (
+            vec![
+                "--set",
+                "leaderElection.enabled=false",
+                "--set",
+                "replicaCount=1",
+                "--set",
+                "strategy.type=RollingUpdate",
+            ],
+            "leaderElection.enabled=false with strategy.type=RollingUpdate: an update would run the old and the new Pod side by side",
+        ),
     ] {
         let output = render(&cluster, "guarded", &args)?;
         let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
@@ -264,6 +275,36 @@ async fn values_that_cannot_work_together_fail_with_what_to_change() -> Result<(
         succeeded(render(&cluster, "fine", &args)?)?;
     }
     Ok(())
+}
+
+/// Without leader election an upgrade never runs two Pods at once; the opt-in FlowSchema puts
+/// the release's Lease requests, and only those, into the built-in `leader-election` level.
+#[tokio::test]
+async fn terms_never_overlap_by_configuration_and_lease_requests_can_get_their_own_priority_level() -> Result<()> {
+    let cluster = TestCluster::get()?;
+    let alone = rendered_deployment(&cluster, &["--set", "leaderElection.enabled=false", "--set", "replicaCount=1"])?;
+    let strategy = alone.spec.strategy.and_then(|s| s.type_);
+    ensure!(strategy.as_deref() == Some("Recreate"), "{strategy:?}");
+    let elected = rendered_deployment(&cluster, &[])?;
+    ensure!(elected.spec.strategy.is_none(), "leader election on keeps Kubernetes' default strategy");
+
+    let none = succeeded(render(&cluster, "flow", &["--namespace", "flow-ns"])?)?;
+    ensure!(of_kind(&documents(&none), "FlowSchema").is_empty(), "the FlowSchema is opt-in");
+    let rendered = succeeded(render(
+        &cluster,
+        "flow",
+        &["--namespace", "flow-ns", "--set", "leaderElection.flowSchema.enabled=true", "--skip-tests"],
+    )?)?;
+    let documents = documents(&rendered);
+    let schema = *of_kind(&documents, "FlowSchema").first().context("a FlowSchema")?;
+    ensure!(schema["spec"]["priorityLevelConfiguration"]["name"] == "leader-election", "{schema:?}");
+    let rule = &schema["spec"]["rules"][0];
+    ensure!(rule["subjects"][0]["serviceAccount"]["name"] == "flow-example-operator", "{rule:?}");
+    ensure!(rule["subjects"][0]["serviceAccount"]["namespace"] == "flow-ns", "{rule:?}");
+    ensure!(rule["resourceRules"][0]["resources"][0] == "leases", "only the Lease requests: {rule:?}");
+    ensure!(rule["resourceRules"][0]["namespaces"][0] == "flow-ns", "{rule:?}");
+    let flow_schema = serde_yaml::to_string(schema)?;
+    accepted_by_the_api_server(&cluster, &flow_schema)
 }
 
 #[tokio::test]

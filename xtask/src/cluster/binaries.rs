@@ -313,6 +313,33 @@ mod tests {
         Ok(())
     }
 
+    /// The chart claims exactly the Kubernetes range the tests run: from the oldest minor built
+    /// here (`cargo xtask test` runs the supported-versions subset against it) upwards.
+    #[test]
+    fn the_chart_claims_the_oldest_minor_that_is_tested() -> Result<()> {
+        let chart = std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/example-operator/Chart.yaml"),
+        )?;
+        let claimed = chart.lines().find_map(|line| line.strip_prefix("kubeVersion: ")).context("no kubeVersion")?;
+        assert_eq!(claimed, format!("\">={OLDEST_KUBERNETES}.0-0\""));
+        assert!(kubernetes_module(OLDEST_KUBERNETES).is_ok() && kubernetes_module(DEFAULT_KUBERNETES).is_ok());
+        assert!(kubernetes_module("1.30").is_err());
+        Ok(())
+    }
+
+    /// Each wrapper module pins the minor it is named for.
+    #[test]
+    fn each_wrapper_module_pins_its_minor() -> Result<()> {
+        let go = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("go");
+        for minor in [DEFAULT_KUBERNETES, OLDEST_KUBERNETES] {
+            let module = kubernetes_module(minor)?;
+            let go_mod = std::fs::read_to_string(go.join(module.dir).join("go.mod"))?;
+            let version = required_version(&go_mod, module.pinned).context("no k8s.io/kubernetes pin")?;
+            assert!(version.starts_with(&format!("v{minor}.")), "{} pins {version}", module.dir);
+        }
+        Ok(())
+    }
+
     #[test]
     fn fingerprint_changes_with_any_pin() {
         assert_ne!(fingerprint(&["a", "b"]), fingerprint(&["a", "c"]));

@@ -75,6 +75,21 @@ rules:
     )
 }
 
+/// The minor of a version (`1.37` of `v1.37.2`).
+fn minor_of(version: &str) -> Option<&str> {
+    let version = version.strip_prefix('v')?;
+    let (major, rest) = version.split_once('.')?;
+    let minor_len = rest.find('.').unwrap_or(rest.len());
+    version.get(..major.len() + 1 + minor_len)
+}
+
+#[test]
+fn the_minor_is_read_from_the_version() {
+    assert_eq!(minor_of("v1.37.2"), Some("1.37"));
+    assert_eq!(minor_of("v1.33.13"), Some("1.33"));
+    assert_eq!(minor_of("1.33.13"), None);
+}
+
 fn state_file(root: &Path) -> PathBuf {
     root.join("target/cluster/state.json")
 }
@@ -99,10 +114,7 @@ impl ClusterState {
 
     /// The Kubernetes minor it runs (`1.37` of `v1.37.2`).
     pub fn minor(&self) -> Option<&str> {
-        let version = self.kubernetes_version.strip_prefix('v')?;
-        let (major, rest) = version.split_once('.')?;
-        let minor_len = rest.find('.').unwrap_or(rest.len());
-        version.get(..major.len() + 1 + minor_len)
+        minor_of(&self.kubernetes_version)
     }
 
     /// Reports of recorded processes that are no longer running.
