@@ -13,6 +13,7 @@
 use std::future::Future;
 use std::path::Path;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -20,6 +21,8 @@ use anyhow::{Context as _, Result};
 use http::header::{HeaderValue, USER_AGENT};
 use kube::Client;
 use kube::client::retry::RetryPolicy;
+
+use crate::election::TermDeadline;
 
 /// How long any connection attempt may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -45,7 +48,8 @@ pub async fn kube_config(path: Option<&Path>) -> Result<kube::Config> {
 }
 
 /// A client for `config` that names `identity`, bounds every request that is not a watch by
-/// `request_timeout` (retries included), and counts every attempt in `metrics`.
+/// `request_timeout` (retries included), and every write also by the end of this replica's
+/// leadership term when `term` is given, and counts every attempt in `metrics`.
 ///
 /// From the inside out: kube's connection stack (TLS, auth, User-Agent) without its own retry
 /// layer; the request metrics, so each attempt is counted; kube's server-aware retry policy
@@ -55,6 +59,7 @@ pub fn build(
     mut config: kube::Config,
     identity: &str,
     request_timeout: Duration,
+    term: Option<Arc<TermDeadline>>,
     metrics: &reconcilers::Metrics,
 ) -> Result<Client> {
     let agent = HeaderValue::from_str(&user_agent(identity))
@@ -72,7 +77,7 @@ pub fn build(
     Ok(with_request_layers(
         kube::client::ClientBuilder::try_from(config)?,
         metrics.rest_client_layer(host),
-        request_timeout,
+        RequestTimeoutLayer { timeout: request_timeout, term },
     ))
 }
 
@@ -83,7 +88,7 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 fn with_request_layers<S>(
     base: kube::client::ClientBuilder<S>,
     metrics: reconcilers::metrics::RestClientMetricsLayer,
-    request_timeout: Duration,
+    timeout: RequestTimeoutLayer,
 ) -> Client
 where
     S: tower::Service<http::Request<kube::client::Body>, Response = http::Response<Box<kube::client::DynBody>>>
@@ -95,7 +100,7 @@ where
     base.with_layer(&metrics)
         .with_layer(&tower::buffer::BufferLayer::new(REQUEST_BUFFER))
         .with_layer(&tower::retry::RetryLayer::new(RetryPolicy::server_retry()))
-        .with_layer(&RequestTimeoutLayer { timeout: request_timeout })
+        .with_layer(&timeout)
         .build()
 }
 
@@ -104,19 +109,28 @@ fn is_watch<B>(request: &http::Request<B>) -> bool {
     request.uri().query().is_some_and(|query| query.split('&').any(|pair| pair == "watch=true" || pair == "watch=1"))
 }
 
+/// True for a request that writes (anything but GET, HEAD and OPTIONS).
+fn is_write<B>(request: &http::Request<B>) -> bool {
+    !matches!(*request.method(), http::Method::GET | http::Method::HEAD | http::Method::OPTIONS)
+}
+
 /// Bounds how long a request waits for its response headers and, unless it is a watch, for
-/// each piece of its body: a half-open connection fails the request instead of hanging it.
-#[derive(Clone, Copy, Debug)]
+/// each piece of its body: a half-open connection fails the request instead of hanging it. A
+/// write is also given up at the end of the leadership term, when `term` is set: a write of this
+/// term never waits past the moment a successor could take over.
+#[derive(Clone, Debug)]
 pub struct RequestTimeoutLayer {
     /// The bound.
     pub timeout: Duration,
+    /// The current term's end, for writes.
+    pub term: Option<Arc<TermDeadline>>,
 }
 
 impl<S> tower::Layer<S> for RequestTimeoutLayer {
     type Service = RequestTimeout<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        RequestTimeout { inner, timeout: self.timeout }
+        RequestTimeout { inner, timeout: self.timeout, term: self.term.clone() }
     }
 }
 
@@ -125,12 +139,18 @@ impl<S> tower::Layer<S> for RequestTimeoutLayer {
 pub struct RequestTimeout<S> {
     inner: S,
     timeout: Duration,
+    term: Option<Arc<TermDeadline>>,
 }
 
 /// The error of a request that timed out.
 #[derive(Debug, thiserror::Error)]
 #[error("no response from the API server within {0:?}")]
 pub struct TimedOut(pub Duration);
+
+/// The error of a write given up when the leadership term it belongs to ended.
+#[derive(Debug, thiserror::Error)]
+#[error("gave up the write at the end of this replica's leadership term")]
+pub struct TermEnded;
 
 impl<S, ReqBody, ResBody> tower::Service<http::Request<ReqBody>> for RequestTimeout<S>
 where
@@ -149,11 +169,16 @@ where
     fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
         let timeout = self.timeout;
         let idle = (!is_watch(&request)).then_some(timeout);
+        let request_deadline = tokio::time::Instant::now() + timeout;
+        let term_end = self.term.as_ref().filter(|_| is_write(&request)).and_then(|term| term.get());
+        let cut_by_term = term_end.is_some_and(|end| end < request_deadline);
+        let deadline = term_end.map_or(request_deadline, |end| end.min(request_deadline));
         let response = self.inner.call(request);
         Box::pin(async move {
-            match tokio::time::timeout(timeout, response).await {
+            match tokio::time::timeout_at(deadline, response).await {
                 Ok(Ok(response)) => Ok(response.map(|body| IdleTimeoutBody::new(body, idle))),
                 Ok(Err(error)) => Err(error.into()),
+                Err(_) if cut_by_term => Err(Box::new(TermEnded) as BoxError),
                 Err(_) => Err(Box::new(TimedOut(timeout)) as BoxError),
             }
         })
@@ -243,7 +268,7 @@ mod tests {
         let service = tower::service_fn(|_: http::Request<()>| async {
             std::future::pending::<Result<http::Response<String>, BoxError>>().await
         });
-        let mut service = RequestTimeoutLayer { timeout: Duration::from_secs(5) }.layer(service);
+        let mut service = RequestTimeoutLayer { timeout: Duration::from_secs(5), term: None }.layer(service);
         let result = service.ready().await.map(|s| s.call(request("/api/v1/namespaces"))).map_err(|e| e.to_string());
         let error = match result {
             Ok(future) => future.await.err().map(|e| e.to_string()),
@@ -306,6 +331,36 @@ mod tests {
         })
     }
 
+    /// The 5 s request timeout, with the writes of a term ending at `term_end` when given.
+    fn timeout(term_end: Option<Duration>) -> RequestTimeoutLayer {
+        let term = term_end.map(|end| {
+            let term = Arc::new(TermDeadline::default());
+            term.set_for_test(Some(tokio::time::Instant::now() + end));
+            term
+        });
+        RequestTimeoutLayer { timeout: Duration::from_secs(5), term }
+    }
+
+    /// Writes of a term are given up when it ends (here 2 s, before the 5 s request timeout);
+    /// reads are not bound by it.
+    #[tokio::test(start_paused = true)]
+    async fn a_write_is_given_up_when_its_term_ends_and_a_read_is_not() -> Result<()> {
+        let metrics = reconcilers::Metrics::new()?;
+        let base = kube::client::ClientBuilder::new(api_server(vec![429; 100], "1"), "default");
+        let client = with_request_layers(base, metrics.rest_client_layer("api"), timeout(Some(Duration::from_secs(2))));
+        let started = tokio::time::Instant::now();
+        let write = http::Request::post("/api/v1/namespaces/a/configmaps").body(b"{}".to_vec())?;
+        let error = client.request_text(write).await.err().map(|e| e.to_string());
+        assert!(error.as_deref().is_some_and(|e| e.contains("end of this replica's leadership term")), "{error:?}");
+        assert_eq!(started.elapsed(), Duration::from_secs(2));
+
+        let started = tokio::time::Instant::now();
+        let error = client.request_text(get("/api/v1/namespaces")?).await.err().map(|e| e.to_string());
+        assert!(error.as_deref().is_some_and(|e| e.contains("within 5s")), "{error:?}");
+        assert_eq!(started.elapsed(), Duration::from_secs(5));
+        Ok(())
+    }
+
     fn get(path: &str) -> Result<http::Request<Vec<u8>>> {
         Ok(http::Request::get(path).body(Vec::new())?)
     }
@@ -314,7 +369,7 @@ mod tests {
     async fn a_throttled_request_is_retried_and_each_attempt_is_counted() -> Result<()> {
         let metrics = reconcilers::Metrics::new()?;
         let base = kube::client::ClientBuilder::new(api_server(vec![429, 429], "0"), "default");
-        let client = with_request_layers(base, metrics.rest_client_layer("api"), Duration::from_secs(5));
+        let client = with_request_layers(base, metrics.rest_client_layer("api"), timeout(None));
         assert_eq!(client.request_text(get("/api/v1/namespaces")?).await?, "ok");
         assert_eq!(metrics.request_summary(), "GET 200: 1, GET 429: 2");
         Ok(())
@@ -325,7 +380,7 @@ mod tests {
         let metrics = reconcilers::Metrics::new()?;
         // Throttled for good, each time told to come back in 2 s.
         let base = kube::client::ClientBuilder::new(api_server(vec![429; 100], "2"), "default");
-        let client = with_request_layers(base, metrics.rest_client_layer("api"), Duration::from_secs(5));
+        let client = with_request_layers(base, metrics.rest_client_layer("api"), timeout(None));
         let started = tokio::time::Instant::now();
         let error = client.request_text(get("/api/v1/namespaces")?).await.err().map(|e| e.to_string());
         assert!(error.as_deref().is_some_and(|e| e.contains("within 5s")), "{error:?}");

@@ -62,6 +62,30 @@ impl LeaderMetrics {
     }
 }
 
+/// When this replica's current term ends as far as its writes go: the send time of its last
+/// successful renewal plus the lease duration, the earliest a successor could take over (a
+/// standby counts the lease duration from when it saw that renewal, which is later). `None`
+/// outside a term. The controllers' client bounds every write by it ([`crate::client`]).
+#[derive(Debug, Default)]
+pub struct TermDeadline(Mutex<Option<Instant>>);
+
+impl TermDeadline {
+    fn set(&self, deadline: Option<Instant>) {
+        *self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = deadline;
+    }
+
+    /// Sets the deadline, for tests of what it bounds.
+    #[cfg(test)]
+    pub fn set_for_test(&self, deadline: Option<Instant>) {
+        self.set(deadline);
+    }
+
+    /// The deadline, while this replica leads.
+    pub fn get(&self) -> Option<Instant> {
+        *self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
 /// Why this replica stopped leading.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum LeadershipLost {
@@ -103,6 +127,7 @@ pub struct Elector {
     metrics: LeaderMetrics,
     health: Arc<Health>,
     state: Mutex<ElectorState>,
+    term: Arc<TermDeadline>,
 }
 
 #[derive(Debug, Default)]
@@ -153,7 +178,14 @@ impl Elector {
             metrics,
             health,
             state: Mutex::default(),
+            term: Arc::default(),
         }
+    }
+
+    /// Publishes the end of each term in `term` (see [`TermDeadline`]).
+    pub fn with_term_deadline(mut self, term: Arc<TermDeadline>) -> Self {
+        self.term = term;
+        self
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, ElectorState> {
@@ -327,6 +359,7 @@ impl Elector {
 
     fn renewed(&self, sent: Instant) {
         self.state().last_renew = Some(sent);
+        self.term.set(Some(sent + self.config.lease_duration));
         self.health.heartbeat();
         self.metrics.last_renew.set(jiff::Timestamp::now().as_millisecond() as f64 / 1000.0);
     }
@@ -431,6 +464,7 @@ impl Elector {
 
     fn lost(&self, reason: LeadershipLost) -> LeadershipLost {
         self.state().last_renew = None;
+        self.term.set(None);
         self.set_leading(false);
         tracing::error!(%reason, "stopped leading");
         reason
@@ -442,6 +476,7 @@ impl Elector {
     /// controllers stopped and [`Elector::keep_renewing`] returned.
     pub async fn release(&self) {
         let last_renew = self.state().last_renew.take();
+        self.term.set(None);
         self.set_leading(false);
         let Some(deadline) = last_renew.map(|at| at + self.config.renew_deadline) else {
             tracing::info!("not releasing the lease: this replica does not hold it");
@@ -475,6 +510,7 @@ impl Elector {
     /// Marks this replica as not leading (after a loss handled by the caller).
     pub fn mark_not_leading(&self) {
         self.state().last_renew = None;
+        self.term.set(None);
         self.set_leading(false);
     }
 }

@@ -60,7 +60,9 @@ pub async fn run(config: Config) -> Result<ExitCode> {
     let identity = config.identity.clone();
     let kube_config = client::kube_config(config.kubeconfig.as_deref()).await?;
     let kubeconfig_namespace = kube_config.default_namespace.clone();
-    let client = client::build(kube_config, &identity, config.api_request_timeout, &metrics)?;
+    // With leader election, every write of the controllers ends with the term it belongs to.
+    let term = config.election.as_ref().map(|_| Arc::new(election::TermDeadline::default()));
+    let client = client::build(kube_config, &identity, config.api_request_timeout, term.clone(), &metrics)?;
 
     let stop_serving = CancellationToken::new();
     let servers = serve_http(&config, registry.clone(), health.clone(), &client, &stop_serving).await?;
@@ -97,8 +99,9 @@ pub async fn run(config: Config) -> Result<ExitCode> {
             // The election has connections of its own: slow controller traffic never delays a renewal.
             let election_config =
                 client::kube_config(config.election_kubeconfig.as_deref().or(config.kubeconfig.as_deref())).await?;
-            let election_client = client::build(election_config, &identity, election.request_timeout, &metrics)?;
-            let elector = Elector::new(election_client, &namespace, election.clone(), leader_metrics, health.clone());
+            let election_client = client::build(election_config, &identity, election.request_timeout, None, &metrics)?;
+            let elector = Elector::new(election_client, &namespace, election.clone(), leader_metrics, health.clone())
+                .with_term_deadline(term.unwrap_or_default());
             lead_while_elected(&elector, &caches, &config, &shutdown, election.reenter_on_loss).await
         }
     };
@@ -199,15 +202,18 @@ async fn run_without_election(
         controllers.abort();
         let _ = controllers.await;
     }
+    caches.end_term().await;
     ExitCode::SUCCESS
 }
 
 /// How one term of leadership ended.
 #[derive(Debug, PartialEq, Eq)]
 enum TermEnd {
-    /// Shutdown was requested; the controllers drained (or were aborted at the shutdown
-    /// timeout) while the lease was renewed throughout.
+    /// Shutdown was requested; the controllers drained while the lease was renewed throughout.
     Shutdown,
+    /// Shutdown was requested and the controllers did not drain within the shutdown timeout:
+    /// they were aborted while the lease was still renewed.
+    DrainAborted,
     /// The lease could not be renewed or another replica holds it; the controllers were aborted.
     Lost,
     /// The controllers stopped on their own while this replica led.
@@ -229,9 +235,20 @@ async fn lead_while_elected(
         }
         let stop_controllers = CancellationToken::new();
         let controllers = tokio::spawn(caches.controllers(stop_controllers.clone()));
-        match lead(elector, controllers, stop_controllers, shutdown, config.shutdown_timeout).await {
+        let end = lead(elector, controllers, stop_controllers, shutdown, config.shutdown_timeout).await;
+        // Nothing the term started outlives it: its background writes (events) end here, before
+        // any release.
+        caches.end_term().await;
+        match end {
             TermEnd::Shutdown => {
                 elector.release().await;
+                return ExitCode::SUCCESS;
+            }
+            TermEnd::DrainAborted => {
+                // Requests of the aborted reconciles may still be on their way to the API server:
+                // a successor must wait out the lease, as after a crash.
+                tracing::warn!("not releasing the lease after an aborted drain; it expires on its own");
+                elector.mark_not_leading();
                 return ExitCode::SUCCESS;
             }
             TermEnd::ControllersEnded => {
@@ -291,7 +308,7 @@ async fn lead(
                 tracing::warn!(timeout = ?shutdown_timeout, "controllers did not stop in time; aborting them");
                 controllers.abort();
                 let _ = (&mut controllers).await;
-                break TermEnd::Shutdown;
+                break TermEnd::DrainAborted;
             }
             ended = &mut controllers => {
                 if drain_deadline.is_some() {
@@ -387,7 +404,7 @@ mod tests {
         shutdown.cancel();
         let started = tokio::time::Instant::now();
         let end = lead(&a, controllers, CancellationToken::new(), &shutdown, Duration::from_secs(5)).await;
-        assert_eq!(end, TermEnd::Shutdown);
+        assert_eq!(end, TermEnd::DrainAborted, "an aborted drain is told apart: its lease is not released");
         assert!(started.elapsed() < Duration::from_secs(6), "aborted at the shutdown timeout");
         Ok(())
     }

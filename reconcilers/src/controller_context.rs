@@ -151,6 +151,19 @@ where
         Ok(Some(self.client.request::<K>(request).await?))
     }
 
+    /// Aborts the events still being published and waits until they are gone: called when a term
+    /// ends, after its reconciles stopped.
+    pub async fn end_term(&self) {
+        let mut pending = {
+            let mut pending = self.pending_events.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            std::mem::take(&mut *pending)
+        };
+        if !pending.is_empty() {
+            tracing::info!(controller = self.controller, events = pending.len(), "aborting the term's unsent events");
+        }
+        pending.shutdown().await;
+    }
+
     /// Counts a reconcile that ended in an error retrying cannot fix (reported in status instead;
     /// controller-runtime's terminal errors).
     pub fn terminal(&self, error: &Error) {
@@ -169,8 +182,8 @@ where
     }
 
     /// Publishes an event about `object` in the background, so the reconcile does not wait for
-    /// it; a failure is logged. Pending events are dropped with the context (when the controller
-    /// stops), so none is written after this replica stopped leading.
+    /// it; a failure is logged. Pending events belong to the term: [`Self::end_term`] aborts and
+    /// awaits them before the Lease is released, so none is written after it.
     pub async fn publish(&self, object: &K, type_: EventType, reason: &str, action: &str, note: String) {
         let reference: ObjectReference = object.object_ref(&());
         let event =
@@ -183,5 +196,69 @@ where
                 tracing::warn!(%error, reason = %event.reason, "publishing an event failed");
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use crd_types::{MyResource, MyResourceSpec};
+    use kube::runtime::events::EventType;
+
+    use super::ControllerContext;
+
+    /// Counts requests that were started and requests that were dropped unanswered.
+    #[derive(Default)]
+    struct Counts {
+        started: AtomicUsize,
+        dropped: AtomicUsize,
+    }
+
+    struct Dropped(Arc<Counts>);
+
+    impl Drop for Dropped {
+        fn drop(&mut self) {
+            self.0.dropped.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// An API server that never answers.
+    fn silent_client(counts: Arc<Counts>) -> kube::Client {
+        let service = tower::service_fn(move |_: http::Request<kube::client::Body>| {
+            let counts = counts.clone();
+            async move {
+                counts.started.fetch_add(1, Ordering::SeqCst);
+                let _dropped = Dropped(counts);
+                std::future::pending::<Result<http::Response<String>, std::convert::Infallible>>().await
+            }
+        });
+        kube::Client::new(service, "default")
+    }
+
+    /// An event still being published when a term ends is aborted, and gone when `end_term`
+    /// returns: it cannot land after the Lease is released.
+    #[tokio::test]
+    async fn a_terms_unsent_events_are_aborted_when_it_ends() -> Result<(), Box<dyn std::error::Error>> {
+        let counts = Arc::new(Counts::default());
+        let metrics = crate::Metrics::new()?;
+        let context = ControllerContext::<MyResource>::new(
+            "test",
+            silent_client(counts.clone()),
+            metrics,
+            None,
+            std::time::Duration::from_secs(60),
+        );
+        let mut object = MyResource::new("a", MyResourceSpec { message: "m".into() });
+        object.metadata.namespace = Some("default".into());
+        context.publish(&object, EventType::Normal, "Created", "Create", "created".into()).await;
+        while counts.started.load(Ordering::SeqCst) == 0 {
+            tokio::task::yield_now().await;
+        }
+        context.end_term().await;
+        assert_eq!(counts.dropped.load(Ordering::SeqCst), 1, "the pending event's request was dropped");
+        context.end_term().await;
+        Ok(())
     }
 }

@@ -139,6 +139,13 @@ impl Caches {
             .collect();
         futures::future::join_all(runs).map(|_| ())
     }
+
+    /// Ends a term once the future of [`Self::controllers`] finished or was aborted: aborts and
+    /// awaits every write the term started in the background (events), so none lands after the
+    /// Lease is released.
+    pub fn end_term(&self) -> impl Future<Output = ()> + Send + 'static {
+        futures::future::join_all(self.controllers.iter().map(|(controller, _)| controller.end_term())).map(|_| ())
+    }
 }
 
 /// Runs the selected controllers over their shared caches until `shutdown` fires; returns once

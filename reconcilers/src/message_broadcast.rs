@@ -59,6 +59,11 @@ pub struct Context {
 pub struct KnownCopies(std::sync::Mutex<HashMap<String, BTreeSet<(String, String)>>>);
 
 impl KnownCopies {
+    /// Forgets every copy: a new term looks its broadcasts' copies up on the API server again.
+    pub fn clear(&self) {
+        self.lock().clear();
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, BTreeSet<(String, String)>>> {
         self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
@@ -164,6 +169,11 @@ pub fn desired_status(broadcast: &MessageBroadcast, fan_out: &FanOut, error: Opt
 
 impl Reconciler for Context {
     type Object = MessageBroadcast;
+
+    /// Copies known from an earlier term may have changed under another leader since.
+    fn start_term(&self) {
+        self.known.clear();
+    }
 
     /// Reconciles one broadcast: copies into matching namespaces, stale copies out, then status.
     async fn reconcile(&self, broadcast: Arc<MessageBroadcast>) -> Result<Requeue> {

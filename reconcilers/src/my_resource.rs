@@ -69,6 +69,11 @@ fn at_least(seen: &str, written: &str) -> bool {
 }
 
 impl WrittenStatuses {
+    /// Forgets every status written: a new term starts with no record.
+    pub fn clear(&self) {
+        self.lock().clear();
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Written>> {
         self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
@@ -163,6 +168,11 @@ pub fn desired_status(resource: &MyResource, outcome: Result<&str, &Error>) -> M
 
 impl Reconciler for Context {
     type Object = MyResource;
+
+    /// Statuses written in an earlier term say nothing now: another replica may have led since.
+    fn start_term(&self) {
+        self.written.clear();
+    }
 
     /// Reconciles one MyResource: ConfigMap first, then status, each written only when it
     /// differs.

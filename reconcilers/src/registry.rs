@@ -82,11 +82,16 @@ pub struct Built(Box<dyn Run>);
 
 trait Run: Send + Sync {
     fn run(&self, concurrency: u16, sync_period: Option<Duration>, stop: CancellationToken) -> BoxFuture<'static, ()>;
+    fn end_term(&self) -> BoxFuture<'static, ()>;
 }
 
 impl<R: Reconciler> Run for Controller<R> {
     fn run(&self, concurrency: u16, sync_period: Option<Duration>, stop: CancellationToken) -> BoxFuture<'static, ()> {
         Controller::run(self, concurrency, sync_period, stop).boxed()
+    }
+
+    fn end_term(&self) -> BoxFuture<'static, ()> {
+        Controller::end_term(self).boxed()
     }
 }
 
@@ -100,6 +105,12 @@ impl Built {
         stop: CancellationToken,
     ) -> BoxFuture<'static, ()> {
         self.0.run(concurrency, sync_period, stop)
+    }
+
+    /// Aborts and awaits what the last term started in the background (see
+    /// [`Controller::end_term`]).
+    pub fn end_term(&self) -> BoxFuture<'static, ()> {
+        self.0.end_term()
     }
 }
 

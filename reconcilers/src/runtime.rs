@@ -36,6 +36,10 @@ pub trait Reconciler: Send + Sync + 'static {
 
     /// Brings the cluster in line with `object`; says when to look again.
     fn reconcile(&self, object: Arc<Self::Object>) -> impl Future<Output = Result<Requeue>> + Send;
+
+    /// Forgets what this controller remembered of an earlier term (statuses or copies it wrote):
+    /// another replica may have led in between. Called as each term starts, before any reconcile.
+    fn start_term(&self) {}
 }
 
 /// Keys for the queue, with their priority.
@@ -118,6 +122,13 @@ impl<R: Reconciler> Controller<R> {
         self.context.controller
     }
 
+    /// Ends a term after [`Self::run`] finished or was aborted: aborts and awaits what the term
+    /// started in the background (event publishing), so none of its writes outlives it.
+    pub fn end_term(&self) -> impl Future<Output = ()> + Send + 'static {
+        let context = self.context.clone();
+        async move { context.end_term().await }
+    }
+
     /// Subscribes to the sources now (so nothing that changes from here on is missed) and returns
     /// the run: queue every event at once, start `concurrency` workers once every cache synced,
     /// and on `stop` hand out no more keys and let the workers finish what they hold.
@@ -131,6 +142,7 @@ impl<R: Reconciler> Controller<R> {
         sync_period: Option<Duration>,
         stop: CancellationToken,
     ) -> impl Future<Output = ()> + Send + 'static {
+        self.reconciler.start_term();
         let metrics = &self.context.metrics;
         metrics.max_concurrent_reconciles.with_label_values(&[self.name()]).set(i64::from(concurrency));
         metrics.active_workers.with_label_values(&[self.name()]).set(0);

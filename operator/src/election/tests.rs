@@ -224,3 +224,33 @@ async fn renewing_stops_between_attempts_when_told() -> anyhow::Result<()> {
     assert_eq!(holder_in(&fake), "");
     Ok(())
 }
+
+/// A term's writes are bounded by one lease duration after its last renewal was sent; outside a
+/// term there is no such bound.
+#[tokio::test(start_paused = true)]
+async fn a_term_ends_one_lease_duration_after_its_last_renewal_and_not_at_all_outside_one() -> anyhow::Result<()> {
+    let fake = Arc::new(Mutex::new(FakeLeases::default()));
+    let term = Arc::new(TermDeadline::default());
+    let a = elector(&fake, "a")?.with_term_deadline(term.clone());
+    assert_eq!(term.get(), None);
+    let shutdown = CancellationToken::new();
+    assert!(a.acquire(&shutdown).await);
+    let end = term.get().ok_or_else(|| anyhow::anyhow!("no term deadline while leading"))?;
+    assert_eq!(end, Instant::now() + Duration::from_secs(4), "the paused clock has not moved since the write");
+    let stop = CancellationToken::new();
+    let renewing = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            let result = a.keep_renewing(&stop).await;
+            a.release().await;
+            result
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let later = term.get().ok_or_else(|| anyhow::anyhow!("no term deadline while leading"))?;
+    assert!(later > end, "each renewal moves the end of the term");
+    stop.cancel();
+    assert_eq!(renewing.await?, Ok(()));
+    assert_eq!(term.get(), None, "released: no term");
+    Ok(())
+}

@@ -24,6 +24,7 @@ struct Recording {
     seen: Mutex<Vec<String>>,
     hold: tokio::sync::RwLock<()>,
     panicked: AtomicBool,
+    terms: std::sync::atomic::AtomicUsize,
 }
 
 impl Recording {
@@ -34,6 +35,10 @@ impl Recording {
 
 impl Reconciler for Recording {
     type Object = ConfigMap;
+
+    fn start_term(&self) {
+        self.terms.fetch_add(1, Ordering::SeqCst);
+    }
 
     async fn reconcile(&self, object: Arc<ConfigMap>) -> Result<Requeue> {
         let name = object.name_any();
@@ -72,6 +77,27 @@ async fn start(concurrency: u16) -> Running {
     let stop = CancellationToken::new();
     let run = tokio::spawn(controller.run(concurrency, None, stop.clone()));
     Running { recording, feed, metrics, stop, run }
+}
+
+/// Each run is a term: the reconciler is told as it starts, before any reconcile, so what it
+/// remembered of an earlier term (statuses or copies it wrote) is forgotten.
+#[tokio::test]
+async fn each_run_starts_a_term_before_any_reconcile() {
+    let metrics = Metrics::new().unwrap_or_else(|error| panic!("metrics: {error}"));
+    let (cache, _feed) = TestFeed::<ConfigMap>::new(metrics.clone());
+    let recording = Arc::new(Recording::default());
+    let context =
+        Arc::new(ControllerContext::new("test", offline_client(), metrics.clone(), None, Duration::from_secs(5)));
+    let controller = Controller::new(recording.clone(), context, &cache);
+    for term in 1..=2 {
+        let stop = CancellationToken::new();
+        let run = controller.run(1, None, stop.clone());
+        assert_eq!(recording.terms.load(Ordering::SeqCst), term);
+        stop.cancel();
+        run.await;
+        controller.end_term().await;
+    }
+    assert!(recording.seen().is_empty());
 }
 
 /// Waits (up to 10 s) until `check` holds.
