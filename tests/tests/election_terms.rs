@@ -150,3 +150,177 @@ async fn sigterm_with_stalled_http_clients_exits_zero_within_the_grace_period() 
     }
     Ok(())
 }
+
+/// SIGTERM while the leader's reconciles and events are slowed on their way to the API server
+/// (2 s each way, through a proxy) and the drain (1 s) runs out: the drain is aborted, the Lease
+/// is not released, so the standby takes over only after it expires, by which time everything the
+/// old leader had on the wire has arrived. The audit log shows no write of the old leader after
+/// the new one's first, events included, and every change converges.
+#[tokio::test]
+async fn sigterm_with_writes_in_flight_past_the_drain_never_yields_two_writers() -> Result<()> {
+    use e2e_tests::fault_proxy::{Fault, FaultProxy};
+    let f = Fixture::new("term-inflight").await?;
+    let proxy = FaultProxy::start(f.cluster.api_server_address().await?).await?;
+    let via_proxy = f.cluster.admin_kubeconfig_via(proxy.port)?;
+    let direct = f.cluster.admin_kubeconfig.display().to_string();
+    let mut args: Vec<&str> = TEST_LEASE.to_vec();
+    args.extend(["--leader-election-kubeconfig", direct.as_str(), "--shutdown-timeout", "1s"]);
+    let mut a = OperatorProcess::spawn(&via_proxy, "inflight-a", LEASE, f.ns(), &args, &[])?;
+    leads(&f, &a, Duration::from_secs(30)).await?;
+    let b = f.replica("inflight-b", LEASE, &TEST_LEASE)?;
+    let names: Vec<String> = (0..10).map(|i| format!("inflight-{i}")).collect();
+    for name in &names {
+        f.create(name, "first").await?;
+    }
+    for name in &names {
+        f.wait_ready(name, Duration::from_secs(30)).await?;
+    }
+
+    proxy.set(Fault::Delay(Duration::from_secs(2)));
+    let patch = serde_json::json!({"spec": {"message": "second"}});
+    for name in &names {
+        f.resources.patch(name, &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&patch)).await?;
+    }
+    // The leader's reconciles of the change are now on their way through the slow proxy.
+    eventually(Duration::from_secs(10), "the leader to start reconciling the change", || async {
+        Ok((a.reconciles().await? >= 20.0).then_some(()))
+    })
+    .await?;
+    a.signal(nix::sys::signal::Signal::SIGTERM)?;
+    let code = a.wait(Duration::from_secs(20)).await?;
+    ensure!(code == Some(0), "the old leader exited {code:?}:\n{}", a.log_text());
+    ensure!(a.log_text().contains("not releasing the lease after an aborted drain"), "{}", a.log_text());
+
+    leads(&f, &b, Duration::from_secs(30)).await?;
+    for name in &names {
+        eventually(Duration::from_secs(60), &format!("{name} to hold the change"), || async {
+            let config_map = f.config_maps.get_opt(&format!("{name}-configmap")).await?;
+            let message = config_map.and_then(|c| c.data).and_then(|mut d| d.remove("message"));
+            Ok((message.as_deref() == Some("second")).then_some(()))
+        })
+        .await?;
+        f.wait_ready(name, Duration::from_secs(30)).await?;
+    }
+    // Everything the proxy still held has arrived by now.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let report = f.one_writer_at_a_time(LEASE, &["inflight-a", "inflight-b"], true)?;
+    ensure!(report.writes_of("inflight-b") > 0, "the new leader wrote nothing: {report:?}");
+    Ok(())
+}
+
+/// The operator's own requests throttled hard by API Priority and Fairness (a priority level of
+/// one share that rejects what does not fit), with the chart's opt-in FlowSchema putting its
+/// Lease requests into the built-in `leader-election` level: the leader keeps its Lease through
+/// a burst of 100 objects, every object converges, the API server counts the rejections, and
+/// the operator's `rest_client_requests_total` shows them as 429.
+#[tokio::test]
+async fn a_throttled_leader_keeps_its_lease_through_the_charts_flow_schema() -> Result<()> {
+    use k8s_openapi::api::core::v1::ServiceAccount;
+    let f = Fixture::new("term-throttled").await?;
+    let account = "throttled";
+    let tight = format!("e2e-tight-{}", f.ns());
+    let accounts: Api<ServiceAccount> = Api::namespaced(f.client.clone(), f.ns());
+    accounts
+        .create(&Default::default(), &serde_json::from_value(serde_json::json!({"metadata": {"name": account}}))?)
+        .await?;
+    let cluster_wide = serde_json::json!([
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+         "metadata": {"name": tight},
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "cluster-admin"},
+         "subjects": [{"kind": "ServiceAccount", "name": account, "namespace": f.ns()}]},
+        {"apiVersion": "flowcontrol.apiserver.k8s.io/v1", "kind": "PriorityLevelConfiguration",
+         "metadata": {"name": tight},
+         "spec": {"type": "Limited", "limited": {"nominalConcurrencyShares": 1, "lendablePercent": 0,
+                  "limitResponse": {"type": "Reject"}}}},
+        {"apiVersion": "flowcontrol.apiserver.k8s.io/v1", "kind": "FlowSchema",
+         "metadata": {"name": tight},
+         "spec": {"priorityLevelConfiguration": {"name": tight}, "matchingPrecedence": 1000,
+                  "distinguisherMethod": {"type": "ByUser"},
+                  "rules": [{"subjects": [{"kind": "ServiceAccount", "serviceAccount": {"name": account, "namespace": f.ns()}}],
+                             "resourceRules": [{"verbs": ["*"], "apiGroups": ["*"], "resources": ["*"],
+                                                "clusterScope": true, "namespaces": ["*"]}]}]}},
+    ]);
+    let manifests: Vec<String> =
+        cluster_wide.as_array().into_iter().flatten().map(serde_yaml::to_string).collect::<Result<_, _>>()?;
+    let result = async {
+        let output = f.cluster.kubectl_with_input(&["apply", "-f", "-"], Some(&manifests.join("---\n")))?;
+        ensure!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        // The chart's own FlowSchema for the release's Lease requests, as `helm template` renders it.
+        let rendered = e2e_tests::succeeded(e2e_tests::helm(
+            &f.cluster,
+            &[
+                "template",
+                "throttled",
+                &e2e_tests::chart_dir().display().to_string(),
+                "--namespace",
+                f.ns(),
+                "--show-only",
+                "templates/flowschema.yaml",
+                "--set",
+                "leaderElection.flowSchema.enabled=true",
+                "--set",
+                "serviceAccount.create=false",
+                "--set",
+                &format!("serviceAccount.name={account}"),
+            ],
+        )?)?;
+        let output = f.cluster.kubectl_with_input(&["apply", "-f", "-"], Some(&rendered))?;
+        ensure!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        let schema = "throttled-example-operator-leader-election";
+
+        let token = f.cluster.kubectl(&["create", "token", account, "-n", f.ns(), "--duration=1h"])?;
+        ensure!(token.status.success(), "{}", String::from_utf8_lossy(&token.stderr));
+        let kubeconfig =
+            f.cluster.kubeconfig_with_token(account, String::from_utf8_lossy(&token.stdout).trim()).await?;
+        let mut args: Vec<&str> = TEST_LEASE.to_vec();
+        args.extend(["--concurrency", "myresource=16"]);
+        let a = OperatorProcess::spawn(&kubeconfig, "throttled-a", LEASE, f.ns(), &args, &[])?;
+        leads(&f, &a, Duration::from_secs(30)).await?;
+        let b = OperatorProcess::spawn(&kubeconfig, "throttled-b", LEASE, f.ns(), &args, &[])?;
+        for i in 0..100 {
+            f.create(&format!("burst-{i:03}"), "under throttling").await?;
+        }
+        for i in 0..100 {
+            f.wait_ready(&format!("burst-{i:03}"), Duration::from_secs(120)).await?;
+        }
+        let metrics = a.metrics().await?;
+        let transitions = e2e_tests::sample(&metrics, "example_operator_leader_transitions_total");
+        ensure!(transitions == Some(1.0), "the leader lost its Lease under throttling: {transitions:?}");
+        leads(&f, &a, Duration::from_secs(5)).await?;
+        ensure!(b.reconciles().await? == 0.0, "the standby reconciled");
+        let throttled = e2e_tests::sum_samples(&metrics, "rest_client_requests_total", "code=\"429\"");
+        ensure!(throttled > 0.0, "no 429 in the operator's rest_client_requests_total:\n{metrics}");
+
+        // The API server's own account: it rejected the operator's requests in the tight level
+        // and served its Lease requests through the chart's FlowSchema in `leader-election`.
+        let server = f.client.request_text(http::Request::get("/metrics").body(Vec::new())?).await?;
+        let rejected = e2e_tests::sum_samples(
+            &server,
+            "apiserver_flowcontrol_rejected_requests_total",
+            &format!("priority_level=\"{tight}\""),
+        );
+        ensure!(rejected > 0.0, "the tight priority level rejected nothing");
+        let elected = server
+            .lines()
+            .filter(|line| line.starts_with("apiserver_flowcontrol_dispatched_requests_total{"))
+            .filter(|line| line.contains(&format!("flow_schema=\"{schema}\"")))
+            .filter(|line| line.contains("priority_level=\"leader-election\""))
+            .filter_map(|line| line.rsplit_once(' ')?.1.parse::<f64>().ok())
+            .sum::<f64>();
+        ensure!(elected > 0.0, "no Lease request went through the chart's FlowSchema");
+        let report = f.one_writer_at_a_time(LEASE, &["throttled-a", "throttled-b"], true)?;
+        ensure!(report.writes_of("throttled-a") >= 200, "{report:?}");
+        Ok(())
+    }
+    .await;
+    for kind in ["clusterrolebinding", "prioritylevelconfiguration", "flowschema"] {
+        let _ = f.cluster.kubectl(&["delete", kind, &tight, "--ignore-not-found"]);
+    }
+    let _ = f.cluster.kubectl(&[
+        "delete",
+        "flowschema",
+        "throttled-example-operator-leader-election",
+        "--ignore-not-found",
+    ]);
+    result
+}
