@@ -165,6 +165,7 @@ async fn sigterm_with_writes_in_flight_past_the_drain_never_yields_two_writers()
     let direct = f.cluster.admin_kubeconfig.display().to_string();
     let mut args: Vec<&str> = TEST_LEASE.to_vec();
     args.extend(["--leader-election-kubeconfig", direct.as_str(), "--shutdown-timeout", "1s"]);
+    args.extend(["--concurrency", "myresource=16"]);
     let mut a = OperatorProcess::spawn(&via_proxy, "inflight-a", LEASE, f.ns(), &args, &[])?;
     leads(&f, &a, Duration::from_secs(30)).await?;
     let b = f.replica("inflight-b", LEASE, &TEST_LEASE)?;
@@ -176,16 +177,27 @@ async fn sigterm_with_writes_in_flight_past_the_drain_never_yields_two_writers()
         f.wait_ready(name, Duration::from_secs(30)).await?;
     }
 
-    proxy.set(Fault::Delay(Duration::from_secs(2)));
+    let delay = Duration::from_secs(2);
+    proxy.set(Fault::Delay(delay));
     let patch = serde_json::json!({"spec": {"message": "second"}});
     for name in &names {
         f.resources.patch(name, &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&patch)).await?;
     }
-    // The leader's reconciles of the change are now on their way through the slow proxy.
-    eventually(Duration::from_secs(10), "the leader to start reconciling the change", || async {
-        Ok((a.reconciles().await? >= 20.0).then_some(()))
+    // A reconcile of the change writes the ConfigMap (it lands `delay` after it was sent), waits
+    // `delay` for the answer, then sends its status write (an apply that nothing but the term
+    // can fence). SIGTERM lands while those status writes are on the wire, and the drain (1 s)
+    // ends before they arrive.
+    eventually(Duration::from_secs(20), "the first ConfigMap to hold the change", || async {
+        for name in &names {
+            let config_map = f.config_maps.get_opt(&format!("{name}-configmap")).await?;
+            if config_map.and_then(|c| c.data).and_then(|mut d| d.remove("message")).as_deref() == Some("second") {
+                return Ok(Some(()));
+            }
+        }
+        Ok(None)
     })
     .await?;
+    tokio::time::sleep(delay + Duration::from_millis(500)).await;
     a.signal(nix::sys::signal::Signal::SIGTERM)?;
     let code = a.wait(Duration::from_secs(20)).await?;
     ensure!(code == Some(0), "the old leader exited {code:?}:\n{}", a.log_text());
