@@ -109,9 +109,12 @@ fn is_watch<B>(request: &http::Request<B>) -> bool {
     request.uri().query().is_some_and(|query| query.split('&').any(|pair| pair == "watch=true" || pair == "watch=1"))
 }
 
-/// True for a request that writes (anything but GET, HEAD and OPTIONS).
+/// True for a request that writes (anything but GET, HEAD and OPTIONS, and the reviews a
+/// `create` asks without storing anything).
 fn is_write<B>(request: &http::Request<B>) -> bool {
-    !matches!(*request.method(), http::Method::GET | http::Method::HEAD | http::Method::OPTIONS)
+    let reads = matches!(*request.method(), http::Method::GET | http::Method::HEAD | http::Method::OPTIONS);
+    let review = ["/tokenreviews", "/subjectaccessreviews"].iter().any(|r| request.uri().path().ends_with(r));
+    !reads && !review
 }
 
 /// Bounds how long a request waits for its response headers and, unless it is a watch, for
@@ -147,6 +150,20 @@ pub struct RequestTimeout<S> {
 #[error("no response from the API server within {0:?}")]
 pub struct TimedOut(pub Duration);
 
+/// A write of a term in flight; counted as abandoned in the term when dropped unanswered.
+struct UnansweredWrite {
+    term: Arc<TermDeadline>,
+    answered: bool,
+}
+
+impl Drop for UnansweredWrite {
+    fn drop(&mut self) {
+        if !self.answered {
+            self.term.abandoned_write();
+        }
+    }
+}
+
 /// The error of a write given up when the leadership term it belongs to ended.
 #[derive(Debug, thiserror::Error)]
 #[error("gave up the write at the end of this replica's leadership term")]
@@ -170,17 +187,26 @@ where
         let timeout = self.timeout;
         let idle = (!is_watch(&request)).then_some(timeout);
         let request_deadline = tokio::time::Instant::now() + timeout;
-        let term_end = self.term.as_ref().filter(|_| is_write(&request)).and_then(|term| term.get());
+        let term = self.term.clone().filter(|term| is_write(&request) && term.get().is_some());
+        let term_end = term.as_ref().and_then(|term| term.get());
         let cut_by_term = term_end.is_some_and(|end| end < request_deadline);
         let deadline = term_end.map_or(request_deadline, |end| end.min(request_deadline));
+        // A write of a term that is given up unanswered (timed out here, or dropped with its
+        // reconcile) is counted: its bytes may still reach the API server.
+        let mut unanswered = term.map(|term| UnansweredWrite { term, answered: false });
         let response = self.inner.call(request);
         Box::pin(async move {
-            match tokio::time::timeout_at(deadline, response).await {
+            let result = match tokio::time::timeout_at(deadline, response).await {
                 Ok(Ok(response)) => Ok(response.map(|body| IdleTimeoutBody::new(body, idle))),
                 Ok(Err(error)) => Err(error.into()),
-                Err(_) if cut_by_term => Err(Box::new(TermEnded) as BoxError),
-                Err(_) => Err(Box::new(TimedOut(timeout)) as BoxError),
+                Err(_) if cut_by_term => return Err(Box::new(TermEnded) as BoxError),
+                Err(_) => return Err(Box::new(TimedOut(timeout)) as BoxError),
+            };
+            // Answered (or failed on the connection): nothing of it is left on the wire.
+            if let Some(write) = unanswered.as_mut() {
+                write.answered = true;
             }
+            result
         })
     }
 }
@@ -358,6 +384,34 @@ mod tests {
         let error = client.request_text(get("/api/v1/namespaces")?).await.err().map(|e| e.to_string());
         assert!(error.as_deref().is_some_and(|e| e.contains("within 5s")), "{error:?}");
         assert_eq!(started.elapsed(), Duration::from_secs(5));
+        Ok(())
+    }
+
+    /// Writes of a term given up unanswered are counted (their bytes may still be on the wire);
+    /// answered writes, reads and writes outside a term are not.
+    #[tokio::test(start_paused = true)]
+    async fn writes_given_up_unanswered_are_counted_in_their_term() -> Result<()> {
+        let metrics = reconcilers::Metrics::new()?;
+        let layer = timeout(Some(Duration::from_secs(2)));
+        let term = layer.term.clone().ok_or_else(|| anyhow::anyhow!("a term"))?;
+        let post = || http::Request::post("/api/v1/namespaces/a/configmaps").body(b"{}".to_vec());
+        let answered = kube::client::ClientBuilder::new(api_server(vec![], "0"), "default");
+        let answered = with_request_layers(answered, metrics.rest_client_layer("api"), layer.clone());
+        answered.request_text(post()?).await?;
+        answered.request_text(get("/api/v1/namespaces")?).await?;
+        assert_eq!(term.abandoned_writes(), 0);
+
+        let throttled = kube::client::ClientBuilder::new(api_server(vec![429; 100], "1"), "default");
+        let throttled = with_request_layers(throttled, metrics.rest_client_layer("api"), layer);
+        assert!(throttled.request_text(post()?).await.is_err());
+        assert_eq!(term.abandoned_writes(), 1, "given up at the end of the term");
+        term.set_for_test(Some(tokio::time::Instant::now() + Duration::from_secs(60)));
+        let dropped = tokio::time::timeout(Duration::from_millis(500), throttled.request_text(post()?)).await;
+        assert!(dropped.is_err());
+        assert_eq!(term.abandoned_writes(), 2, "dropped with its caller");
+        let read = tokio::time::timeout(Duration::from_millis(500), throttled.request_text(get("/api/v1/namespaces")?));
+        assert!(read.await.is_err());
+        assert_eq!(term.abandoned_writes(), 2, "a read is not a write");
         Ok(())
     }
 

@@ -65,13 +65,34 @@ impl LeaderMetrics {
 /// When this replica's current term ends as far as its writes go: the send time of its last
 /// successful renewal plus the lease duration, the earliest a successor could take over (a
 /// standby counts the lease duration from when it saw that renewal, which is later). `None`
-/// outside a term. The controllers' client bounds every write by it ([`crate::client`]).
+/// outside a term. The controllers' client bounds every write by it, and counts the writes it
+/// gave up unanswered ([`crate::client`]): their bytes may still be on their way to the API
+/// server, so a term with any such write is not ended early by a release.
 #[derive(Debug, Default)]
-pub struct TermDeadline(Mutex<Option<Instant>>);
+pub struct TermDeadline {
+    deadline: Mutex<Option<Instant>>,
+    abandoned_writes: std::sync::atomic::AtomicU64,
+}
 
 impl TermDeadline {
+    /// Sets the deadline; a term that starts (from `None`) starts with no abandoned write.
     fn set(&self, deadline: Option<Instant>) {
-        *self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = deadline;
+        let mut current = self.deadline.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if current.is_none() && deadline.is_some() {
+            self.abandoned_writes.store(0, std::sync::atomic::Ordering::SeqCst);
+        }
+        *current = deadline;
+    }
+
+    /// Counts a write of this term given up before its answer came (timed out, or dropped when
+    /// its reconcile was cancelled or aborted).
+    pub fn abandoned_write(&self) {
+        self.abandoned_writes.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Writes of the current (or last) term given up before their answer came.
+    pub fn abandoned_writes(&self) -> u64 {
+        self.abandoned_writes.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Sets the deadline, for tests of what it bounds.
@@ -82,7 +103,7 @@ impl TermDeadline {
 
     /// The deadline, while this replica leads.
     pub fn get(&self) -> Option<Instant> {
-        *self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        *self.deadline.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -476,8 +497,16 @@ impl Elector {
     /// controllers stopped and [`Elector::keep_renewing`] returned.
     pub async fn release(&self) {
         let last_renew = self.state().last_renew.take();
+        let abandoned = self.term.abandoned_writes();
         self.term.set(None);
         self.set_leading(false);
+        if abandoned > 0 {
+            tracing::warn!(
+                writes = abandoned,
+                "not releasing the lease: writes of this term were given up unanswered and may still be on their way; it expires on its own"
+            );
+            return;
+        }
         let Some(deadline) = last_renew.map(|at| at + self.config.renew_deadline) else {
             tracing::info!("not releasing the lease: this replica does not hold it");
             return;

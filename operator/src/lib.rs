@@ -245,10 +245,9 @@ async fn lead_while_elected(
                 return ExitCode::SUCCESS;
             }
             TermEnd::DrainAborted => {
-                // Requests of the aborted reconciles may still be on their way to the API server:
-                // a successor must wait out the lease, as after a crash.
-                tracing::warn!("not releasing the lease after an aborted drain; it expires on its own");
-                elector.mark_not_leading();
+                // The release refuses when a write of the aborted reconciles was in flight (its
+                // bytes may still reach the API server): a successor then waits out the lease.
+                elector.release().await;
                 return ExitCode::SUCCESS;
             }
             TermEnd::ControllersEnded => {

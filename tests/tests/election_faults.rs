@@ -77,8 +77,9 @@ async fn active_workers(replica: &OperatorProcess) -> Result<f64> {
 }
 
 /// (a) SIGTERM while a reconcile is stuck longer than the lease: the leader keeps renewing
-/// through the drain, its late writes land while it still holds the Lease, and only then does
-/// it release; the standby writes nothing before.
+/// through the drain, gives its write up at the end of the term it was sent in, and does not
+/// release the Lease while that write may still be on the wire (it is: the proxy holds it 5 s);
+/// the standby takes over once the Lease expires and writes nothing before.
 #[tokio::test]
 async fn sigterm_during_a_reconcile_stuck_longer_than_the_lease_never_makes_two_writers() -> Result<()> {
     let _serial = ONE_AT_A_TIME.lock().await;
@@ -105,20 +106,23 @@ async fn sigterm_during_a_reconcile_stuck_longer_than_the_lease_never_makes_two_
     let code = leader.process.wait(Duration::from_secs(60)).await?;
     let drained = terminated.elapsed();
     ensure!(code == Some(0), "SIGTERM exits 0, got {code:?}:\n{}", leader.process.log_text());
-    ensure!(drained > LEASE * 2, "the drain took {drained:?}: the reconcile was not stuck");
-    ensure!(leader.process.log_text().contains("released the lease"), "{}", leader.process.log_text());
+    let log = leader.process.log_text();
+    ensure!(log.contains("gave up the write at the end of this replica's leadership term"), "{log}");
+    ensure!(log.contains("not releasing the lease: writes of this term were given up"), "{log}");
+    ensure!(drained < Duration::from_secs(45), "the drain ended with the given-up write: {drained:?}");
 
-    eventually(Duration::from_secs(10), "the standby to lead after the release", || async {
+    eventually(LEASE * 3, "the standby to lead once the Lease expired", || async {
         Ok((standby.process.master_status(lease).await? == 1.0).then_some(()))
     })
     .await?;
+    ensure!(terminated.elapsed() > LEASE, "the standby led before the Lease could expire");
     f.create("after", "made after the hand-over").await?;
     for name in ["before", "stuck", "after"] {
         f.wait_ready(name, Duration::from_secs(30)).await?;
     }
     let report = f.one_writer_at_a_time(lease, &[&leader.process.identity, &standby.process.identity], true)?;
     let leader_writes = report.writes_of(&leader.process.identity);
-    ensure!(leader_writes >= 3, "the leader's delayed writes landed during the drain: {report:?}");
+    ensure!(leader_writes >= 2, "the leader's writes are in the audit log: {report:?}");
     ensure!(report.writes_of(&standby.process.identity) >= 1, "the standby wrote after the hand-over: {report:?}");
     Ok(())
 }

@@ -254,3 +254,21 @@ async fn a_term_ends_one_lease_duration_after_its_last_renewal_and_not_at_all_ou
     assert_eq!(term.get(), None, "released: no term");
     Ok(())
 }
+
+/// A term with a write given up unanswered is not released (the write may still land): the
+/// Lease expires on its own. The next term starts with no such write.
+#[tokio::test(start_paused = true)]
+async fn a_term_with_a_write_given_up_unanswered_is_not_released() -> anyhow::Result<()> {
+    let fake = Arc::new(Mutex::new(FakeLeases::default()));
+    let term = Arc::new(TermDeadline::default());
+    let a = elector(&fake, "a")?.with_term_deadline(term.clone());
+    assert!(a.acquire(&CancellationToken::new()).await);
+    term.abandoned_write();
+    a.release().await;
+    assert_eq!(holder_in(&fake), "a", "not released");
+    assert!(a.acquire(&CancellationToken::new()).await, "a holds it still and renews");
+    assert_eq!(term.abandoned_writes(), 0, "a new term starts clean");
+    a.release().await;
+    assert_eq!(holder_in(&fake), "", "released");
+    Ok(())
+}
