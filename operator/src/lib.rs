@@ -87,7 +87,10 @@ pub async fn run(config: Config) -> Result<ExitCode> {
         None => {
             tracing::info!("leader election disabled; starting controllers");
             health.set_leading(true);
-            run_without_election(&caches, &shutdown, config.shutdown_timeout).await
+            let code =
+                run_without_election(caches.controllers(shutdown.clone()), &shutdown, config.shutdown_timeout).await;
+            caches.end_term().await;
+            code
         }
         Some(election) => {
             let namespace = election
@@ -179,14 +182,15 @@ async fn serve_http(
     Ok(servers)
 }
 
-/// Runs the controllers until shutdown (leader election off), then drains them for at most
-/// `shutdown_timeout` and aborts what is left. Controllers that stop on their own exit non-zero.
+/// Runs `controllers` (which stop on `shutdown`) without leader election, then drains them for
+/// at most `shutdown_timeout` and aborts what is left. Controllers that stop on their own exit
+/// non-zero.
 async fn run_without_election(
-    caches: &reconcilers::Caches,
+    controllers: impl std::future::Future<Output = ()> + Send + 'static,
     shutdown: &CancellationToken,
     shutdown_timeout: std::time::Duration,
 ) -> ExitCode {
-    let mut controllers = tokio::spawn(caches.controllers(shutdown.clone()));
+    let mut controllers = tokio::spawn(controllers);
     tokio::select! {
         _ = &mut controllers => {
             if shutdown.is_cancelled() {
@@ -202,7 +206,6 @@ async fn run_without_election(
         controllers.abort();
         let _ = controllers.await;
     }
-    caches.end_term().await;
     ExitCode::SUCCESS
 }
 
@@ -391,6 +394,24 @@ mod tests {
         a.release().await;
         assert_eq!(holder_in(&fake), "");
         Ok(())
+    }
+
+    /// Without leader election the drain obeys the shutdown timeout too.
+    #[tokio::test(start_paused = true)]
+    async fn without_election_a_drain_longer_than_the_shutdown_timeout_is_aborted() {
+        let shutdown = CancellationToken::new();
+        let stuck = std::future::pending::<()>();
+        let stopping = {
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move { run_without_election(stuck, &shutdown, Duration::from_secs(5)).await })
+        };
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert!(!stopping.is_finished(), "runs until shutdown");
+        let started = tokio::time::Instant::now();
+        shutdown.cancel();
+        let code = stopping.await.map(|code| code == ExitCode::SUCCESS);
+        assert_eq!(code.ok(), Some(true));
+        assert_eq!(started.elapsed(), Duration::from_secs(5), "aborted at the shutdown timeout");
     }
 
     #[tokio::test(start_paused = true)]
