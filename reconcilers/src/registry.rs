@@ -134,15 +134,13 @@ pub trait Cached: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned 
     }
 }
 
-/// An API over `scope`'s namespace, or over all of them.
+/// An API over `scope`'s namespace, or over all of them (kube's `Api::constrain`, where an
+/// empty namespace means all).
 pub(crate) fn scoped<K>(client: &Client, scope: Option<&str>) -> Api<K>
 where
     K: Resource<Scope = kube::core::NamespaceResourceScope, DynamicType = ()>,
 {
-    match scope {
-        Some(namespace) => Api::namespaced(client.clone(), namespace),
-        None => Api::all(client.clone()),
-    }
+    Api::all(client.clone()).constrain(scope.unwrap_or_default())
 }
 
 impl Cached for ConfigMap {
