@@ -166,7 +166,7 @@ impl Drop for UnansweredWrite {
 
 /// The error of a write given up when the leadership term it belongs to ended.
 #[derive(Debug, thiserror::Error)]
-#[error("gave up the write at the end of this replica's leadership term")]
+#[error("gave up the write at the renew deadline of the leadership it was sent under")]
 pub struct TermEnded;
 
 impl<S, ReqBody, ResBody> tower::Service<http::Request<ReqBody>> for RequestTimeout<S>
@@ -196,17 +196,18 @@ where
         let mut unanswered = term.map(|term| UnansweredWrite { term, answered: false });
         let response = self.inner.call(request);
         Box::pin(async move {
-            let result = match tokio::time::timeout_at(deadline, response).await {
-                Ok(Ok(response)) => Ok(response.map(|body| IdleTimeoutBody::new(body, idle))),
-                Ok(Err(error)) => Err(error.into()),
+            let response = match tokio::time::timeout_at(deadline, response).await {
+                Ok(Ok(response)) => response,
+                // Failed on its connection: the server may still have it, so it stays unanswered.
+                Ok(Err(error)) => return Err(error.into()),
                 Err(_) if cut_by_term => return Err(Box::new(TermEnded) as BoxError),
                 Err(_) => return Err(Box::new(TimedOut(timeout)) as BoxError),
             };
-            // Answered (or failed on the connection): nothing of it is left on the wire.
+            // Answered: nothing of it is left on the wire.
             if let Some(write) = unanswered.as_mut() {
                 write.answered = true;
             }
-            result
+            Ok(response.map(|body| IdleTimeoutBody::new(body, idle)))
         })
     }
 }
@@ -377,7 +378,7 @@ mod tests {
         let started = tokio::time::Instant::now();
         let write = http::Request::post("/api/v1/namespaces/a/configmaps").body(b"{}".to_vec())?;
         let error = client.request_text(write).await.err().map(|e| e.to_string());
-        assert!(error.as_deref().is_some_and(|e| e.contains("end of this replica's leadership term")), "{error:?}");
+        assert!(error.as_deref().is_some_and(|e| e.contains("renew deadline of the leadership")), "{error:?}");
         assert_eq!(started.elapsed(), Duration::from_secs(2));
 
         let started = tokio::time::Instant::now();
@@ -399,19 +400,22 @@ mod tests {
         let answered = with_request_layers(answered, metrics.rest_client_layer("api"), layer.clone());
         answered.request_text(post()?).await?;
         answered.request_text(get("/api/v1/namespaces")?).await?;
-        assert_eq!(term.abandoned_writes(), 0);
+        assert_eq!(term.last_abandoned_write(), None);
 
         let throttled = kube::client::ClientBuilder::new(api_server(vec![429; 100], "1"), "default");
         let throttled = with_request_layers(throttled, metrics.rest_client_layer("api"), layer);
         assert!(throttled.request_text(post()?).await.is_err());
-        assert_eq!(term.abandoned_writes(), 1, "given up at the end of the term");
+        assert_eq!(term.last_abandoned_write(), Some(tokio::time::Instant::now()), "given up at the term's bound");
         term.set_for_test(Some(tokio::time::Instant::now() + Duration::from_secs(60)));
+        tokio::time::sleep(Duration::from_secs(1)).await;
         let dropped = tokio::time::timeout(Duration::from_millis(500), throttled.request_text(post()?)).await;
         assert!(dropped.is_err());
-        assert_eq!(term.abandoned_writes(), 2, "dropped with its caller");
+        assert_eq!(term.last_abandoned_write(), Some(tokio::time::Instant::now()), "dropped with its caller");
+        tokio::time::sleep(Duration::from_secs(1)).await;
         let read = tokio::time::timeout(Duration::from_millis(500), throttled.request_text(get("/api/v1/namespaces")?));
         assert!(read.await.is_err());
-        assert_eq!(term.abandoned_writes(), 2, "a read is not a write");
+        let last = term.last_abandoned_write().ok_or_else(|| anyhow::anyhow!("a write given up"))?;
+        assert_eq!(last.elapsed(), Duration::from_millis(1500), "a read is not a write");
         Ok(())
     }
 

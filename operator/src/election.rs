@@ -62,37 +62,43 @@ impl LeaderMetrics {
     }
 }
 
-/// When this replica's current term ends as far as its writes go: the send time of its last
-/// successful renewal plus the lease duration, the earliest a successor could take over (a
-/// standby counts the lease duration from when it saw that renewal, which is later). `None`
-/// outside a term. The controllers' client bounds every write by it, and counts the writes it
-/// gave up unanswered ([`crate::client`]): their bytes may still be on their way to the API
-/// server, so a term with any such write is not ended early by a release.
+/// How far this replica's writes may go: the send time of its last successful renewal plus the
+/// renew deadline, the moment it would stop leading without another renewal. A successor can
+/// take over one lease duration after that renewal at the earliest (a standby counts from when it
+/// saw it, which is later), so a write given up here has lease duration − renew deadline left to
+/// clear the wire. `None` outside a term. The controllers' client bounds every write by it and
+/// reports the writes it gave up unanswered ([`crate::client`]): their bytes may still be on their
+/// way to the API server, so a term that gave one up less than a lease duration ago is not ended
+/// early by a release.
 #[derive(Debug, Default)]
 pub struct TermDeadline {
     deadline: Mutex<Option<Instant>>,
-    abandoned_writes: std::sync::atomic::AtomicU64,
+    last_abandoned: Mutex<Option<Instant>>,
+}
+
+fn locked<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl TermDeadline {
     /// Sets the deadline; a term that starts (from `None`) starts with no abandoned write.
     fn set(&self, deadline: Option<Instant>) {
-        let mut current = self.deadline.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut current = locked(&self.deadline);
         if current.is_none() && deadline.is_some() {
-            self.abandoned_writes.store(0, std::sync::atomic::Ordering::SeqCst);
+            *locked(&self.last_abandoned) = None;
         }
         *current = deadline;
     }
 
-    /// Counts a write of this term given up before its answer came (timed out, or dropped when
-    /// its reconcile was cancelled or aborted).
+    /// Records a write of this term given up before its answer came (timed out, failed on its
+    /// connection, or dropped when its reconcile was cancelled or aborted).
     pub fn abandoned_write(&self) {
-        self.abandoned_writes.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        *locked(&self.last_abandoned) = Some(Instant::now());
     }
 
-    /// Writes of the current (or last) term given up before their answer came.
-    pub fn abandoned_writes(&self) -> u64 {
-        self.abandoned_writes.load(std::sync::atomic::Ordering::SeqCst)
+    /// When the current (or last) term last gave up a write unanswered.
+    pub fn last_abandoned_write(&self) -> Option<Instant> {
+        *locked(&self.last_abandoned)
     }
 
     /// Sets the deadline, for tests of what it bounds.
@@ -103,7 +109,7 @@ impl TermDeadline {
 
     /// The deadline, while this replica leads.
     pub fn get(&self) -> Option<Instant> {
-        *self.deadline.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        *locked(&self.deadline)
     }
 }
 
@@ -228,13 +234,27 @@ impl Elector {
         state.observed = Some(Observed { lease: lease.clone(), changed_at });
     }
 
-    /// When the observed Lease expires by this replica's clock; `None` when it is free. With no
-    /// record seen at all and no Lease found, one lease duration after this replica first looked.
+    /// Another writer changed the Lease since this replica read it (a 409): the record it holds is
+    /// stale, so it counts as changed now, whoever it names.
+    fn changed_unseen(&self) {
+        if let Some(seen) = self.state().observed.as_mut() {
+            seen.changed_at = Instant::now();
+        }
+    }
+
+    /// When this replica may create a missing Lease: one lease duration after the last change of
+    /// the record it saw, whoever that record named (a released record may have been taken by a
+    /// replica whose takeover this one did not see), or after it first found none.
+    fn free_after_deletion(&self) -> Option<Instant> {
+        let state = self.state();
+        let since = state.observed.as_ref().map(|seen| seen.changed_at).or(state.absent_since)?;
+        Some(since + self.config.lease_duration)
+    }
+
+    /// When the observed Lease expires by this replica's clock; `None` when it is free.
     fn expiry(&self) -> Option<Instant> {
         let state = self.state();
-        let Some(seen) = state.observed.as_ref() else {
-            return state.absent_since.map(|since| since + self.config.lease_duration);
-        };
+        let seen = state.observed.as_ref()?;
         if holder(&seen.lease).is_empty() {
             return None;
         }
@@ -297,7 +317,10 @@ impl Elector {
                 self.observe(&written, Instant::now());
                 Ok(Attempt::Leading(sent))
             }
-            Err(error) if is_conflict(&error) => Ok(Attempt::Conflict),
+            Err(error) if is_conflict(&error) => {
+                self.changed_unseen();
+                Ok(Attempt::Conflict)
+            }
             Err(error) => Err(error),
         }
     }
@@ -316,16 +339,23 @@ impl Elector {
             }
             state.last_renew.is_some()
         };
-        if !leading && self.expiry().is_some_and(|expiry| now < expiry) {
+        if !leading && self.free_after_deletion().is_some_and(|free| now < free) {
             return Ok(Attempt::Vanished);
         }
         match self.create().await? {
-            // Leading, and someone else created it first: they can only have done so after this
-            // replica's record expired for them, so say who holds it now and stop at once.
+            // Leading, and the create met an existing Lease: read who holds it. Another holder
+            // can only have created it after this replica's record expired for them: stop at
+            // once. This replica's own (an earlier create that landed unanswered) or an empty
+            // one: renew or take it at the next attempt.
             Attempt::Conflict if leading => match self.leases.get_opt(&self.config.lease_name).await? {
                 Some(current) => {
                     self.observe(&current, Instant::now());
-                    Ok(Attempt::HeldBy(holder(&current).to_owned()))
+                    let current_holder = holder(&current);
+                    if current_holder.is_empty() || current_holder == self.config.identity {
+                        Ok(Attempt::Conflict)
+                    } else {
+                        Ok(Attempt::HeldBy(current_holder.to_owned()))
+                    }
                 }
                 None => Ok(Attempt::Conflict),
             },
@@ -380,7 +410,7 @@ impl Elector {
 
     fn renewed(&self, sent: Instant) {
         self.state().last_renew = Some(sent);
-        self.term.set(Some(sent + self.config.lease_duration));
+        self.term.set(Some(sent + self.config.renew_deadline));
         self.health.heartbeat();
         self.metrics.last_renew.set(jiff::Timestamp::now().as_millisecond() as f64 / 1000.0);
     }
@@ -493,17 +523,21 @@ impl Elector {
 
     /// Releases the Lease so a standby takes over at once instead of after a lease duration.
     /// Only while this replica still holds it (renewed within the renew deadline), and only if
-    /// nobody wrote the Lease since (the write carries our last resourceVersion). Call after the
-    /// controllers stopped and [`Elector::keep_renewing`] returned.
+    /// nobody wrote the Lease since (the write carries our last resourceVersion), and never when
+    /// the term gave up a write unanswered less than a lease duration ago (it may still land):
+    /// then the Lease expires on its own. Call after the controllers stopped and
+    /// [`Elector::keep_renewing`] returned.
     pub async fn release(&self) {
         let last_renew = self.state().last_renew.take();
-        let abandoned = self.term.abandoned_writes();
+        let abandoned = self.term.last_abandoned_write();
         self.term.set(None);
         self.set_leading(false);
-        if abandoned > 0 {
+        // Waiting for the expiry gives such a write at least a lease duration more to land under
+        // this term; one given up longer ago has had that already.
+        if let Some(at) = abandoned.filter(|at| at.elapsed() < self.config.lease_duration) {
             tracing::warn!(
-                writes = abandoned,
-                "not releasing the lease: writes of this term were given up unanswered and may still be on their way; it expires on its own"
+                given_up_ago = ?at.elapsed(),
+                "not releasing the lease: a write of this term was given up unanswered and may still be on its way; it expires on its own"
             );
             return;
         }

@@ -98,13 +98,29 @@ async fn a_lone_leader_recreates_its_deleted_lease_and_keeps_leading() -> Result
 
 #[tokio::test]
 async fn a_candidate_started_just_after_a_deletion_does_not_take_the_lease() -> Result<()> {
+    use nix::sys::signal::Signal;
     let f = Fixture::new("term-late").await?;
-    let a = f.replica("replica-a", LEASE, &TEST_LEASE)?;
+    // A lease of 8 s (renew deadline 6 s), so the leader can be held still for a few seconds.
+    let timing = ["--lease-duration", "8s", "--renew-deadline", "6s", "--retry-period", "1s"];
+    let a = f.replica("replica-a", LEASE, &timing)?;
     leads(&f, &a, Duration::from_secs(30)).await?;
-    delete_lease(&f).await?;
-    // Started with no record to see: it must not create the Lease while the leader lives.
-    let b = f.replica("replica-b", LEASE, &TEST_LEASE)?;
-    let until = tokio::time::Instant::now() + LEASE_DURATION * 2;
+    // The leader, held still (well within its renew deadline), cannot re-create the Lease before
+    // the candidate started after the deletion has looked and found none.
+    a.signal(Signal::SIGSTOP)?;
+    let held = async {
+        delete_lease(&f).await?;
+        let b = f.replica("replica-b", LEASE, &timing)?;
+        eventually(Duration::from_secs(3), "the candidate to find no Lease", || async {
+            Ok(b.log_text().contains("the lease is gone; waiting out").then_some(()))
+        })
+        .await?;
+        Ok::<_, anyhow::Error>(b)
+    }
+    .await;
+    a.signal(Signal::SIGCONT)?;
+    let b = held?;
+    // It must not create the Lease while the leader lives: past its own wait of a lease duration.
+    let until = tokio::time::Instant::now() + Duration::from_secs(10);
     while tokio::time::Instant::now() < until {
         at_most_one_leads(&[&a, &b]).await?;
         ensure!(b.master_status(LEASE).await? == 0.0, "the late candidate leads");
@@ -120,8 +136,8 @@ async fn a_candidate_started_just_after_a_deletion_does_not_take_the_lease() -> 
 }
 
 /// A client that sent half a request, and another that sent nothing, do not keep the process
-/// alive after SIGTERM: with and without leader election it exits 0 within the chart's default
-/// termination grace period (30 s) minus a margin, while both still hold their connections.
+/// alive after SIGTERM: with and without leader election (idle controllers) it exits 0 within
+/// 8 s, the servers' 5 s grace and a margin, while both still hold their connections.
 #[tokio::test]
 async fn sigterm_with_stalled_http_clients_exits_zero_within_the_grace_period() -> Result<()> {
     use tokio::io::AsyncWriteExt;
@@ -140,10 +156,12 @@ async fn sigterm_with_stalled_http_clients_exits_zero_within_the_grace_period() 
         half_sent.write_all(b"GET /healthz HTTP/1.1\r\nHost: operator\r\nX-Stalled: ").await?;
         let silent = tokio::net::TcpStream::connect(address).await?;
         replica.signal(nix::sys::signal::Signal::SIGTERM)?;
-        let code = replica.wait(Duration::from_secs(20)).await;
+        // The servers close what is open 5 s after the term ended, before the 10 s header read
+        // timeout would have.
+        let code = replica.wait(Duration::from_secs(8)).await;
         ensure!(
             matches!(code, Ok(Some(0))),
-            "election {election}: the replica did not exit 0 within 20 s of SIGTERM ({code:?}):\n{}",
+            "election {election}: the replica did not exit 0 within 8 s of SIGTERM ({code:?}):\n{}",
             replica.log_text()
         );
         drop((half_sent, silent));
@@ -152,10 +170,12 @@ async fn sigterm_with_stalled_http_clients_exits_zero_within_the_grace_period() 
 }
 
 /// SIGTERM while the leader's reconciles and events are slowed on their way to the API server
-/// (2 s each way, through a proxy) and the drain (1 s) runs out: the drain is aborted, the Lease
-/// is not released, so the standby takes over only after it expires, by which time everything the
-/// old leader had on the wire has arrived. The audit log shows no write of the old leader after
-/// the new one's first, events included, and every change converges.
+/// (2 s each way, through a proxy) and the drain (0.5 s) runs out: the drain is aborted, the
+/// Lease is not released, so the standby takes over only after it expires, by which time
+/// everything the old leader had on the wire has arrived. The audit log shows no write of the old
+/// leader after the new one's first, events included, and every change converges. (A lease of
+/// 8 s, renew deadline 6 s: a write's bound, the renew deadline after the last renewal, leaves
+/// room for the 4 s round trip.)
 #[tokio::test]
 async fn sigterm_with_writes_in_flight_past_the_drain_never_yields_two_writers() -> Result<()> {
     use e2e_tests::fault_proxy::{Fault, FaultProxy};
@@ -163,12 +183,13 @@ async fn sigterm_with_writes_in_flight_past_the_drain_never_yields_two_writers()
     let proxy = FaultProxy::start(f.cluster.api_server_address().await?).await?;
     let via_proxy = f.cluster.admin_kubeconfig_via(proxy.port)?;
     let direct = f.cluster.admin_kubeconfig.display().to_string();
-    let mut args: Vec<&str> = TEST_LEASE.to_vec();
-    args.extend(["--leader-election-kubeconfig", direct.as_str(), "--shutdown-timeout", "1s"]);
+    let timing = ["--lease-duration", "8s", "--renew-deadline", "6s", "--retry-period", "1s"];
+    let mut args: Vec<&str> = timing.to_vec();
+    args.extend(["--leader-election-kubeconfig", direct.as_str(), "--shutdown-timeout", "500ms"]);
     args.extend(["--concurrency", "myresource=16"]);
     let mut a = OperatorProcess::spawn(&via_proxy, "inflight-a", LEASE, f.ns(), &args, &[])?;
     leads(&f, &a, Duration::from_secs(30)).await?;
-    let b = f.replica("inflight-b", LEASE, &TEST_LEASE)?;
+    let b = f.replica("inflight-b", LEASE, &timing)?;
     let names: Vec<String> = (0..10).map(|i| format!("inflight-{i}")).collect();
     for name in &names {
         f.create(name, "first").await?;
@@ -185,7 +206,7 @@ async fn sigterm_with_writes_in_flight_past_the_drain_never_yields_two_writers()
     }
     // A reconcile of the change writes the ConfigMap (it lands `delay` after it was sent), waits
     // `delay` for the answer, then sends its status write (an apply that nothing but the term
-    // can fence). SIGTERM lands while those status writes are on the wire, and the drain (1 s)
+    // can fence). SIGTERM lands while those status writes are on the wire, and the drain (0.5 s)
     // ends before they arrive.
     eventually(Duration::from_secs(20), "the first ConfigMap to hold the change", || async {
         for name in &names {
@@ -201,7 +222,7 @@ async fn sigterm_with_writes_in_flight_past_the_drain_never_yields_two_writers()
     a.signal(nix::sys::signal::Signal::SIGTERM)?;
     let code = a.wait(Duration::from_secs(20)).await?;
     ensure!(code == Some(0), "the old leader exited {code:?}:\n{}", a.log_text());
-    ensure!(a.log_text().contains("not releasing the lease: writes of this term were given up"), "{}", a.log_text());
+    ensure!(a.log_text().contains("not releasing the lease: a write of this term was given up"), "{}", a.log_text());
 
     leads(&f, &b, Duration::from_secs(30)).await?;
     for name in &names {
@@ -320,6 +341,12 @@ async fn a_throttled_leader_keeps_its_lease_through_the_charts_flow_schema() -> 
             .filter_map(|line| line.rsplit_once(' ')?.1.parse::<f64>().ok())
             .sum::<f64>();
         ensure!(elected > 0.0, "no Lease request went through the chart's FlowSchema");
+        let lease_rejected = e2e_tests::sum_samples(
+            &server,
+            "apiserver_flowcontrol_rejected_requests_total",
+            &format!("flow_schema=\"{schema}\""),
+        );
+        ensure!(lease_rejected == 0.0, "{lease_rejected} Lease requests were rejected");
         let report = f.one_writer_at_a_time(LEASE, &["throttled-a", "throttled-b"], true)?;
         ensure!(report.writes_of("throttled-a") >= 200, "{report:?}");
         Ok(())

@@ -213,6 +213,25 @@ async fn install_upgrade_and_uninstall_keep_the_crds_and_custom_resources() -> R
         upgraded.template.spec.and_then(|p| p.containers.first().and_then(|c| c.args.clone())).unwrap_or_default();
     ensure!(args.contains(&"--log-format=text".to_owned()), "{args:?}");
 
+    // Leader election off: the upgrade replaces the live RollingUpdate (with the API server's
+    // defaults filled in) by Recreate, so two Pods never run side by side.
+    succeeded(helm(
+        &cluster,
+        &[
+            "upgrade",
+            "ops",
+            &chart_path(),
+            "--namespace",
+            ns,
+            "--set",
+            "replicaCount=1",
+            "--set",
+            "leaderElection.enabled=false",
+        ],
+    )?)?;
+    let strategy = deployments.get("ops-example-operator").await?.spec.strategy.context("a strategy")?;
+    ensure!(strategy.type_.as_deref() == Some("Recreate") && strategy.rolling_update.is_none(), "{strategy:?}");
+
     succeeded(helm(&cluster, &["uninstall", "ops", "--namespace", ns])?)?;
     ensure!(deployments.get_opt("ops-example-operator").await?.is_none(), "the workload is removed");
     ensure!(Api::<ClusterRole>::all(client.clone()).get_opt("ops-example-operator").await?.is_none());

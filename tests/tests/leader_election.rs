@@ -94,7 +94,8 @@ async fn on_sigterm_the_leader_releases_the_lease_and_the_standby_leads_at_once(
     let timing = ["--lease-duration", "20s", "--renew-deadline", "10s", "--retry-period", "500ms"];
     let mut a = replica(&f, "replica-a", &timing, &[])?;
     let mut b = replica(&f, "replica-b", &timing, &[])?;
-    let leader = single_leader(&f, &[&a, &b], Duration::from_secs(30)).await?;
+    // A fresh Lease is created one lease duration (20 s) after the first candidate looked.
+    let leader = single_leader(&f, &[&a, &b], Duration::from_secs(60)).await?;
     let (leader, standby) = if leader == 0 { (&mut a, &mut b) } else { (&mut b, &mut a) };
 
     leader.signal(Signal::SIGTERM)?;

@@ -91,7 +91,7 @@ fn values() -> Result<Vec<String>> {
             "leaderElection.leaseDuration=4s",
             "leaderElection.renewDeadline=3s",
             "leaderElection.retryPeriod=500ms",
-            "terminationGracePeriodSeconds=15",
+            "terminationGracePeriodSeconds=20",
         ]
         .map(str::to_owned),
     );

@@ -95,7 +95,7 @@ pub fn run(root: &Path, once: bool) -> Result<()> {
         }
         return run_processes(root, &PathBuf::from(path), once, &runtime);
     }
-    crate::packages::ensure(crate::packages::PROMETHEUS)?;
+    crate::packages::ensure(&[crate::packages::NODE, crate::packages::PROMETHEUS].concat())?;
     let (state, started) = cluster::up(root, true, cluster::binaries::DEFAULT_KUBERNETES)?;
     let _ = TOOL_PATH.set(state.path_with_tools()?);
     let verb = if started { "started" } else { "reusing" };

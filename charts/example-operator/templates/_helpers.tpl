@@ -88,8 +88,8 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if and (not .Values.leaderElection.enabled) (gt (int .Values.replicaCount) 1) }}
 {{- fail (printf "leaderElection.enabled=false with replicaCount=%v: every replica would reconcile at once; use one replica or enable leader election" .Values.replicaCount) }}
 {{- end }}
-{{- if and (not .Values.leaderElection.enabled) .Values.strategy.type (ne .Values.strategy.type "Recreate") }}
-{{- fail (printf "leaderElection.enabled=false with strategy.type=%s: an update would run the old and the new Pod side by side, two writers; leave strategy empty (Recreate is then used) or enable leader election" .Values.strategy.type) }}
+{{- if and (not .Values.leaderElection.enabled) .Values.strategy (ne (.Values.strategy.type | default "RollingUpdate") "Recreate") }}
+{{- fail (printf "leaderElection.enabled=false with strategy.type=%s: an update would run the old and the new Pod side by side, two writers; leave strategy empty (Recreate is then used) or enable leader election" (.Values.strategy.type | default "RollingUpdate")) }}
 {{- end }}
 {{- if .Values.leaderElection.enabled }}
 {{- $lease := include "example-operator.millis" .Values.leaderElection.leaseDuration | atoi }}

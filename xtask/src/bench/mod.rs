@@ -72,7 +72,7 @@ pub fn run(root: &Path, options: &Options) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let outcome = runtime.block_on(async {
         let admin = cluster::admin_client(&state).await?;
-        install_crds(root, &state.admin_kubeconfig)?;
+        install_crds(root, &state)?;
         let kubeconfig = identity::ensure(&admin, &state).await?;
         let bench = Bench {
             results: results.clone(),
@@ -106,7 +106,8 @@ fn results_path(root: &Path, objects: usize) -> PathBuf {
     if objects == DEFAULT_OBJECTS { dir.join("results.json") } else { dir.join(format!("results-{objects}.json")) }
 }
 
-fn install_crds(root: &Path, kubeconfig: &Path) -> Result<()> {
+/// Applies the CRDs with the private control plane's own kubectl.
+fn install_crds(root: &Path, state: &cluster::ClusterState) -> Result<()> {
     let crds = crate::crdgen::crd_dir(root);
     for args in [
         vec!["apply".to_owned(), "--server-side".to_owned(), "-f".to_owned(), crds.display().to_string()],
@@ -119,8 +120,9 @@ fn install_crds(root: &Path, kubeconfig: &Path) -> Result<()> {
         ],
     ] {
         let status = std::process::Command::new("kubectl")
+            .env("PATH", state.path_with_tools()?)
             .arg("--kubeconfig")
-            .arg(kubeconfig)
+            .arg(&state.admin_kubeconfig)
             .args(&args)
             .stdout(std::process::Stdio::null())
             .status()?;

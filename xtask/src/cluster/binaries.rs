@@ -273,16 +273,23 @@ fn build_module(
     std::fs::create_dir_all(&partial).with_context(|| format!("creating {}", partial.display()))?;
     for (name, package) in module.binaries {
         eprintln!("building {name} {version} from Go modules (the first build takes several minutes)");
-        let status = Command::new("go")
+        // Go's own output (a line per module downloaded) only when the build fails.
+        let output = Command::new("go")
             .current_dir(&module_dir)
             .env("CGO_ENABLED", "0")
             .args(["build", "-trimpath", "-ldflags", &flags, "-o"])
             .arg(partial.join(name))
             .arg(package)
-            .status()
+            .output()
             .context("running `go build` (is Go installed?)")?;
-        if !status.success() {
-            bail!("`go build {package}` in {} failed with {status}", module_dir.display());
+        if !output.status.success() {
+            bail!(
+                "`go build {package}` in {} failed with {}:\n{}{}",
+                module_dir.display(),
+                output.status,
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            );
         }
     }
     if target.exists() {

@@ -199,10 +199,11 @@ pub fn up(root: &Path, with_node: bool, minor: &str) -> Result<(ClusterState, bo
         eprintln!("the recorded cluster has stopped; cleaning it up:\n{}", state.crashed().join("\n"));
         state.stop(root)?;
     }
-    let binaries = binaries::ensure(root, minor)?;
+    // Packages first: a missing one, or not being root, is said before any long build.
     if with_node {
         crate::packages::ensure(crate::packages::NODE)?;
     }
+    let binaries = binaries::ensure(root, minor)?;
     let state = start(&binaries, with_node)?;
     state.save(root)?;
     monitoring::install(root, &state)?;
