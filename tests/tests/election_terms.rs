@@ -1,6 +1,7 @@
 //! The edges of a leadership term against the local control plane, proven from the API server's
 //! audit log: a Lease deleted by hand (a common way to "unstick" an election) never yields two
 //! leaders and never interrupts a healthy leader's term.
+//! Every test names its replicas uniquely: the audit proof tells writers apart by identity.
 
 use std::time::Duration;
 
@@ -51,16 +52,16 @@ fn holders(f: &Fixture, replicas: &[&str]) -> Result<Vec<String>> {
 #[tokio::test]
 async fn a_lease_deleted_under_a_leader_and_a_standby_never_yields_two_leaders() -> Result<()> {
     let f = Fixture::new("term-delete").await?;
-    let mut a = f.replica("replica-a", LEASE, &TEST_LEASE)?;
+    let mut a = f.replica("deleted-a", LEASE, &TEST_LEASE)?;
     leads(&f, &a, Duration::from_secs(30)).await?;
-    let b = f.replica("replica-b", LEASE, &TEST_LEASE)?;
+    let b = f.replica("deleted-b", LEASE, &TEST_LEASE)?;
     for round in 0..8 {
         f.create(&format!("before-{round}"), "written across deletions").await?;
         delete_lease(&f).await?;
         // Sample both replicas while the Lease is gone and until the leader re-created it.
         eventually(Duration::from_secs(10), "the leader to re-create its Lease", || async {
             at_most_one_leads(&[&a, &b]).await?;
-            Ok((f.lease_holder(LEASE).await?.as_deref() == Some("replica-a")).then_some(()))
+            Ok((f.lease_holder(LEASE).await?.as_deref() == Some("deleted-a")).then_some(()))
         })
         .await?;
         ensure!(a.master_status(LEASE).await? == 1.0, "round {round}: the leader stopped leading");
@@ -73,8 +74,8 @@ async fn a_lease_deleted_under_a_leader_and_a_standby_never_yields_two_leaders()
     for round in 0..8 {
         f.wait_ready(&format!("before-{round}"), Duration::from_secs(30)).await?;
     }
-    let holders = holders(&f, &["replica-a", "replica-b"])?;
-    ensure!(holders.iter().all(|h| h == "replica-a"), "the Lease named another holder: {holders:?}");
+    let holders = holders(&f, &["deleted-a", "deleted-b"])?;
+    ensure!(holders.iter().all(|h| h == "deleted-a"), "the Lease named another holder: {holders:?}");
     ensure!(b.reconciles().await? == 0.0, "the standby reconciled");
     Ok(())
 }
@@ -82,7 +83,7 @@ async fn a_lease_deleted_under_a_leader_and_a_standby_never_yields_two_leaders()
 #[tokio::test]
 async fn a_lone_leader_recreates_its_deleted_lease_and_keeps_leading() -> Result<()> {
     let f = Fixture::new("term-lone").await?;
-    let mut a = f.replica("replica-a", LEASE, &TEST_LEASE)?;
+    let mut a = f.replica("lone-a", LEASE, &TEST_LEASE)?;
     leads(&f, &a, Duration::from_secs(30)).await?;
     for round in 0..3 {
         delete_lease(&f).await?;
@@ -91,8 +92,8 @@ async fn a_lone_leader_recreates_its_deleted_lease_and_keeps_leading() -> Result
         f.wait_ready(&format!("after-{round}"), Duration::from_secs(30)).await?;
     }
     ensure!(a.wait(Duration::from_millis(10)).await.is_err(), "the leader exited:\n{}", a.log_text());
-    let holders = holders(&f, &["replica-a"])?;
-    ensure!(holders.iter().all(|h| h == "replica-a"), "{holders:?}");
+    let holders = holders(&f, &["lone-a"])?;
+    ensure!(holders.iter().all(|h| h == "lone-a"), "{holders:?}");
     Ok(())
 }
 
@@ -102,14 +103,14 @@ async fn a_candidate_started_just_after_a_deletion_does_not_take_the_lease() -> 
     let f = Fixture::new("term-late").await?;
     // A lease of 8 s (renew deadline 6 s), so the leader can be held still for a few seconds.
     let timing = ["--lease-duration", "8s", "--renew-deadline", "6s", "--retry-period", "1s"];
-    let a = f.replica("replica-a", LEASE, &timing)?;
+    let a = f.replica("late-a", LEASE, &timing)?;
     leads(&f, &a, Duration::from_secs(30)).await?;
     // The leader, held still (well within its renew deadline), cannot re-create the Lease before
     // the candidate started after the deletion has looked and found none.
     a.signal(Signal::SIGSTOP)?;
     let held = async {
         delete_lease(&f).await?;
-        let b = f.replica("replica-b", LEASE, &timing)?;
+        let b = f.replica("late-b", LEASE, &timing)?;
         eventually(Duration::from_secs(3), "the candidate to find no Lease", || async {
             Ok(b.log_text().contains("the lease is gone; waiting out").then_some(()))
         })
@@ -129,8 +130,8 @@ async fn a_candidate_started_just_after_a_deletion_does_not_take_the_lease() -> 
     leads(&f, &a, Duration::from_secs(5)).await?;
     f.create("converges", "under the first leader").await?;
     f.wait_ready("converges", Duration::from_secs(30)).await?;
-    let holders = holders(&f, &["replica-a", "replica-b"])?;
-    ensure!(holders.iter().all(|h| h == "replica-a"), "{holders:?}");
+    let holders = holders(&f, &["late-a", "late-b"])?;
+    ensure!(holders.iter().all(|h| h == "late-a"), "{holders:?}");
     ensure!(b.reconciles().await? == 0.0, "the late candidate reconciled");
     Ok(())
 }
