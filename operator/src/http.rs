@@ -96,6 +96,14 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// before they are closed, whatever their clients do.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
+/// Connections one server keeps open at once; beyond them a new connection is closed at once
+/// (idle ones are closed by the handshake and header read timeouts anyway).
+pub const MAX_CONNECTIONS: usize = 4096;
+
+/// The most a request's head may take (request line and headers; hyper's read buffer): a
+/// bearer token is at most 8 KiB.
+const MAX_HEADER_BYTES: usize = 16 * 1024;
+
 /// Binds `address` now (so a taken port fails start-up) and serves `router` over plain HTTP until
 /// `shutdown`; the task ends at most [`SHUTDOWN_GRACE`] after it.
 pub async fn serve(
@@ -132,6 +140,7 @@ async fn accept_connections(
     shutdown: CancellationToken,
 ) {
     let connections = tokio_util::task::TaskTracker::new();
+    let open = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let (stream, peer) = tokio::select! {
             () = shutdown.cancelled() => break,
@@ -145,8 +154,13 @@ async fn accept_connections(
                 }
             },
         };
+        let Ok(slot) = open.clone().try_acquire_owned() else {
+            tracing::debug!(%peer, "closed a connection over the limit of {MAX_CONNECTIONS}");
+            continue;
+        };
         let (tls, router, shutdown) = (tls.clone(), router.clone(), shutdown.clone());
         connections.spawn(async move {
+            let _slot = slot;
             let Some(acceptor) = tls else {
                 return serve_connection(stream, router, peer, shutdown).await;
             };
@@ -177,6 +191,7 @@ where
     let connection = hyper::server::conn::http1::Builder::new()
         .timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size(MAX_HEADER_BYTES)
         .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
     tokio::pin!(connection);
     tokio::select! {

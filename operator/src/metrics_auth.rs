@@ -3,6 +3,12 @@
 //! request's verb on the non-resource URL (SubjectAccessReview), as controller-runtime's
 //! authentication/authorization filter does. Answers are cached briefly, so a scrape costs no API
 //! call; a failure to ask is never cached. Probes never pass through here.
+//!
+//! Whoever reaches the port can send tokens, so asking is bounded: a token that is oversized or
+//! not shaped like one is refused without a review, concurrent requests with one token share one
+//! review, at most [`MAX_REVIEWS_IN_FLIGHT`] reviews run at once (more callers get 503 at once),
+//! and the decision cache evicts the least recently used entry, so a flood of new tokens never
+//! pushes out the scraper's. Answers say only 401, 403 or 503; the reason goes to the log.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -22,8 +28,15 @@ use sha2::{Digest, Sha256};
 const ALLOWED_TTL: Duration = Duration::from_secs(60);
 /// How long a refused caller is remembered (short: a role may be bound a moment later).
 const REFUSED_TTL: Duration = Duration::from_secs(10);
-/// Above this many remembered callers, expired ones are dropped.
-const CACHE_LIMIT: usize = 1024;
+/// Decisions remembered at most; the least recently used one makes room.
+const CACHE_LIMIT: std::num::NonZeroUsize = match std::num::NonZeroUsize::new(1024) {
+    Some(limit) => limit,
+    None => panic!("the cache limit is not zero"),
+};
+/// The longest token taken to review: ServiceAccount tokens are about 1 KiB, OIDC ones a few.
+pub const MAX_TOKEN_BYTES: usize = 8192;
+/// Reviews asked of the API server at once; a caller beyond them is answered 503 at once.
+pub const MAX_REVIEWS_IN_FLIGHT: usize = 16;
 
 /// What the API server said about one token, path and verb.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -46,16 +59,41 @@ impl Decision {
 
 type CacheKey = ([u8; 32], String, String);
 
+/// One review under way, shared by every request that carries the same token, path and verb.
+type Flight = Arc<tokio::sync::OnceCell<Result<Decision, CheckError>>>;
+
+/// Why a caller could not be checked (503).
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum CheckError {
+    /// The API server could not be asked.
+    #[error("the API server could not be asked: {0}")]
+    Api(String),
+    /// Too many reviews are under way already.
+    #[error("{MAX_REVIEWS_IN_FLIGHT} reviews are under way already")]
+    Busy,
+}
+
 /// Authenticates and authorizes requests through the API server.
 pub struct MetricsAuth {
     client: kube::Client,
-    remembered: Mutex<HashMap<CacheKey, (Instant, Decision)>>,
+    remembered: Mutex<lru::LruCache<CacheKey, (Instant, Decision)>>,
+    flights: Mutex<HashMap<CacheKey, Flight>>,
+    reviews: Arc<tokio::sync::Semaphore>,
 }
 
 /// The Kubernetes verb of an HTTP method on a non-resource URL: the method in lower case, as
 /// the API server's own request info has it.
 fn verb_of(method: &Method) -> String {
     method.as_str().to_ascii_lowercase()
+}
+
+/// True for a token worth a review: not oversized, and made of the characters bearer tokens use
+/// (RFC 6750's b64token: letters, digits and `-._~+/=`).
+fn shaped_like_a_token(token: &str) -> bool {
+    token.len() <= MAX_TOKEN_BYTES
+        && token
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b'+' | b'/' | b'='))
 }
 
 /// The token of an `Authorization: Bearer …` header.
@@ -68,39 +106,65 @@ fn bearer_token(headers: &HeaderMap) -> Option<&str> {
 
 impl MetricsAuth {
     pub fn new(client: kube::Client) -> Self {
-        Self { client, remembered: Mutex::new(HashMap::new()) }
+        Self {
+            client,
+            remembered: Mutex::new(lru::LruCache::new(CACHE_LIMIT)),
+            flights: Mutex::new(HashMap::new()),
+            reviews: Arc::new(tokio::sync::Semaphore::new(MAX_REVIEWS_IN_FLIGHT)),
+        }
     }
 
-    /// Decides one request; `Err` when the API server could not be asked.
-    pub async fn decide(&self, headers: &HeaderMap, method: &Method, path: &str) -> Result<Decision, kube::Error> {
+    /// Decides one request; `Err` when the caller could not be checked.
+    pub async fn decide(&self, headers: &HeaderMap, method: &Method, path: &str) -> Result<Decision, CheckError> {
         let Some(token) = bearer_token(headers) else {
             return Ok(Decision::Unauthenticated("a bearer token is required".to_owned()));
         };
+        if !shaped_like_a_token(token) {
+            return Ok(Decision::Unauthenticated(format!(
+                "a token of {} bytes that is too long or not shaped like a bearer token",
+                token.len()
+            )));
+        }
         let verb = verb_of(method);
         let key: CacheKey = (Sha256::digest(token.as_bytes()).into(), path.to_owned(), verb.clone());
         if let Some(decision) = self.remembered(&key) {
             return Ok(decision);
         }
-        let decision = self.ask(token, &verb, path).await?;
+        // One review per token, path and verb at a time: later callers wait for its answer (if
+        // the caller asking goes away, the next waiter asks instead).
+        let flight = {
+            let mut flights = self.flights.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            flights.entry(key.clone()).or_default().clone()
+        };
+        let answer = flight
+            .get_or_init(|| async {
+                let Ok(_review) = self.reviews.clone().try_acquire_owned() else {
+                    return Err(CheckError::Busy);
+                };
+                self.ask(token, &verb, path).await.map_err(|error| CheckError::Api(error.to_string()))
+            })
+            .await
+            .clone();
+        {
+            let mut flights = self.flights.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            if flights.get(&key).is_some_and(|current| Arc::ptr_eq(current, &flight)) {
+                flights.remove(&key);
+            }
+        }
+        let decision = answer?;
         self.remember(key, decision.clone());
         Ok(decision)
     }
 
     fn remembered(&self, key: &CacheKey) -> Option<Decision> {
-        let remembered = self.remembered.lock().ok()?;
+        let mut remembered = self.remembered.lock().ok()?;
         let (at, decision) = remembered.get(key)?;
         (at.elapsed() < decision.ttl()).then(|| decision.clone())
     }
 
     fn remember(&self, key: CacheKey, decision: Decision) {
         let Ok(mut remembered) = self.remembered.lock() else { return };
-        if remembered.len() >= CACHE_LIMIT {
-            remembered.retain(|_, (at, decision)| at.elapsed() < decision.ttl());
-            if remembered.len() >= CACHE_LIMIT {
-                remembered.clear();
-            }
-        }
-        remembered.insert(key, (Instant::now(), decision));
+        remembered.put(key, (Instant::now(), decision));
     }
 
     async fn ask(&self, token: &str, verb: &str, path: &str) -> Result<Decision, kube::Error> {
@@ -146,25 +210,23 @@ impl MetricsAuth {
     }
 }
 
-/// Axum middleware: passes allowed requests on, answers 401, 403 or (when the API server cannot
-/// be asked) 503 with the reason.
+/// Axum middleware: passes allowed requests on, answers 401, 403 or (when the caller cannot be
+/// checked) 503 with a generic body; the reason goes to the log, never to the caller.
 pub async fn require_authorized(State(auth): State<Arc<MetricsAuth>>, request: Request, next: Next) -> Response {
     let path = request.uri().path().to_owned();
     match auth.decide(request.headers(), request.method(), &path).await {
         Ok(Decision::Allowed) => next.run(request).await,
         Ok(Decision::Unauthenticated(reason)) => {
             tracing::debug!(%path, %reason, "metrics request unauthenticated");
-            (StatusCode::UNAUTHORIZED, [(header::WWW_AUTHENTICATE, "Bearer")], format!("Unauthorized: {reason}\n"))
-                .into_response()
+            (StatusCode::UNAUTHORIZED, [(header::WWW_AUTHENTICATE, "Bearer")], "Unauthorized\n").into_response()
         }
         Ok(Decision::Forbidden(reason)) => {
-            tracing::debug!(%path, %reason, "metrics request forbidden");
-            (StatusCode::FORBIDDEN, format!("Forbidden: {reason}\n")).into_response()
+            tracing::info!(%path, %reason, "metrics request forbidden");
+            (StatusCode::FORBIDDEN, "Forbidden\n").into_response()
         }
         Err(error) => {
-            tracing::warn!(%path, %error, "cannot check a metrics caller with the API server");
-            (StatusCode::SERVICE_UNAVAILABLE, format!("cannot check the caller with the API server: {error}\n"))
-                .into_response()
+            tracing::warn!(%path, %error, "cannot check a metrics caller");
+            (StatusCode::SERVICE_UNAVAILABLE, "Service Unavailable\n").into_response()
         }
     }
 }
@@ -188,6 +250,85 @@ mod tests {
         assert_eq!(bearer_token(&headers("Basic abc")), None);
         assert_eq!(bearer_token(&headers("Bearer ")), None);
         assert_eq!(bearer_token(&HeaderMap::new()), None);
+    }
+
+    #[test]
+    fn only_tokens_of_a_bearer_tokens_shape_and_size_are_reviewed() {
+        assert!(shaped_like_a_token("eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln-_~+/="));
+        assert!(!shaped_like_a_token("a token with spaces"));
+        assert!(!shaped_like_a_token("quote\"d"));
+        assert!(!shaped_like_a_token(&"a".repeat(MAX_TOKEN_BYTES + 1)));
+        assert!(shaped_like_a_token(&"a".repeat(MAX_TOKEN_BYTES)));
+    }
+
+    /// An API server that counts TokenReviews and takes `delay` to answer each, approving every
+    /// token (and every access).
+    fn api_server(reviews: Arc<std::sync::atomic::AtomicUsize>, delay: Duration) -> kube::Client {
+        let service = tower::service_fn(move |request: http::Request<kube::client::Body>| {
+            let reviews = reviews.clone();
+            async move {
+                let body = if request.uri().path().ends_with("/tokenreviews") {
+                    reviews.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    tokio::time::sleep(delay).await;
+                    r#"{"apiVersion":"authentication.k8s.io/v1","kind":"TokenReview","spec":{},"status":{"authenticated":true,"user":{"username":"scraper"}}}"#
+                } else {
+                    r#"{"apiVersion":"authorization.k8s.io/v1","kind":"SubjectAccessReview","spec":{},"status":{"allowed":true}}"#
+                };
+                Ok::<_, std::convert::Infallible>(http::Response::new(body.to_owned()))
+            }
+        });
+        kube::Client::new(service, "default")
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn concurrent_requests_with_one_token_share_one_review_and_reviews_are_capped() {
+        let reviews = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let auth = Arc::new(MetricsAuth::new(api_server(reviews.clone(), Duration::from_secs(1))));
+        let same: Vec<_> = (0..50)
+            .map(|_| {
+                let auth = auth.clone();
+                tokio::spawn(async move { auth.decide(&headers("Bearer same"), &Method::GET, "/metrics").await })
+            })
+            .collect();
+        for request in same {
+            assert!(matches!(request.await, Ok(Ok(Decision::Allowed))));
+        }
+        assert_eq!(reviews.load(std::sync::atomic::Ordering::SeqCst), 1, "one review for fifty requests");
+
+        let distinct: Vec<_> = (0..100)
+            .map(|index| {
+                let auth = auth.clone();
+                tokio::spawn(async move {
+                    auth.decide(&headers(&format!("Bearer token-{index}")), &Method::GET, "/metrics").await
+                })
+            })
+            .collect();
+        let mut busy = 0;
+        for request in distinct {
+            if matches!(request.await, Ok(Err(CheckError::Busy))) {
+                busy += 1;
+            }
+        }
+        assert_eq!(busy, 100 - MAX_REVIEWS_IN_FLIGHT, "the rest are answered 503 at once");
+        assert_eq!(reviews.load(std::sync::atomic::Ordering::SeqCst), 1 + MAX_REVIEWS_IN_FLIGHT);
+    }
+
+    #[tokio::test]
+    async fn a_flood_of_new_tokens_never_evicts_the_scrapers_decision() {
+        let reviews = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let auth = MetricsAuth::new(api_server(reviews.clone(), Duration::ZERO));
+        let scraper = headers("Bearer scraper");
+        assert_eq!(auth.decide(&scraper, &Method::GET, "/metrics").await.ok(), Some(Decision::Allowed));
+        for index in 0..(2 * CACHE_LIMIT.get()) {
+            let _ = auth.decide(&headers(&format!("Bearer flood-{index}")), &Method::GET, "/metrics").await;
+            if index % 100 == 0 {
+                // The scraper keeps scraping meanwhile.
+                assert_eq!(auth.decide(&scraper, &Method::GET, "/metrics").await.ok(), Some(Decision::Allowed));
+            }
+        }
+        let before = reviews.load(std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(auth.decide(&scraper, &Method::GET, "/metrics").await.ok(), Some(Decision::Allowed));
+        assert_eq!(reviews.load(std::sync::atomic::Ordering::SeqCst), before, "the scraper's decision is still cached");
     }
 
     #[test]

@@ -85,7 +85,11 @@ async fn metrics_answer_only_callers_the_api_server_allows_and_probes_stay_open(
         ensure!(forged.code == 401, "an invalid token: {} {}", forged.code, forged.body);
         let refused = answer(&metrics, &insecure(Some(&stranger))).await?;
         ensure!(refused.code == 403, "without the metrics-reader role: {} {}", refused.code, refused.body);
-        ensure!(refused.body.contains("may not get /metrics"), "the refusal says why: {}", refused.body);
+        ensure!(refused.body == "Forbidden\n", "the refusal says nothing more: {}", refused.body);
+        eventually(Duration::from_secs(5), "the log to say why", || async {
+            Ok(operator.log_text().contains("may not get /metrics").then_some(()))
+        })
+        .await?;
 
         let allowed = answer(&metrics, &insecure(Some(&reader))).await?;
         ensure!(allowed.code == 200, "with the metrics-reader role: {} {}", allowed.code, allowed.body);
@@ -235,4 +239,114 @@ async fn a_certificate_folder_without_a_pair_stops_the_start_with_the_file_named
     ensure!(stderr.contains("tls.crt"), "the error names the missing file: {stderr}");
     std::fs::remove_dir_all(&empty)?;
     Ok(())
+}
+
+/// Tried as anyone who reaches the Pod: 1,000 idle connections and 10,000 requests with random
+/// tokens (shaped like tokens, so each could cost a review) leave `/healthz`, the Lease and the
+/// scraper's access intact: every random token is refused (401, or 503 once the reviews under
+/// way reach their cap), never let in, and the scraper is answered 200 throughout. Tokens that
+/// are oversized or not shaped like one cost no review at all.
+#[tokio::test]
+async fn idle_connections_and_random_tokens_leave_probes_the_lease_and_the_scraper_alone() -> Result<()> {
+    use futures::StreamExt;
+    let f = Fixture::new("metrics-flood").await?;
+    let release = f.ns().to_owned();
+    let result = async {
+        let reader_role = apply_the_charts_metrics_rbac(&f, &release)?;
+        let reader = token_of(&f, "reader")?;
+        let binding = format!("{release}-reader");
+        let reader_account = format!("{}:reader", f.ns());
+        succeeded(f.cluster.kubectl(&[
+            "create",
+            "clusterrolebinding",
+            &binding,
+            "--clusterrole",
+            &reader_role,
+            "--serviceaccount",
+            &reader_account,
+        ])?)?;
+        let _ = f.cluster.kubectl(&[
+            "label",
+            "clusterrolebinding",
+            &binding,
+            &format!("app.kubernetes.io/instance={release}"),
+        ]);
+        let mut args: Vec<&str> = e2e_tests::TEST_LEASE.to_vec();
+        args.push("--metrics-secure");
+        let mut operator = f.replica("flood", "flood-leader", &args)?;
+        eventually(Duration::from_secs(30), "the replica to lead", || async {
+            Ok((f.lease_holder("flood-leader").await?.as_deref() == Some("flood")).then_some(()))
+        })
+        .await?;
+        let base = format!("https://127.0.0.1:{}", operator.metrics_port);
+        let metrics = format!("{base}/metrics");
+        let scraper = insecure(Some(&reader));
+        ensure!(answer(&metrics, &scraper).await?.code == 200, "the scraper is let in before the flood");
+
+        // Oversized tokens, or ones not shaped like a token, are refused without a review: the
+        // operator's own request count does not move.
+        let posts = |text: &str| e2e_tests::sum_samples(text, "rest_client_requests_total", "method=\"POST\"");
+        let before = posts(&answer(&metrics, &scraper).await?.body);
+        for junk in ["x".repeat(9 * 1024), "not a token at all".to_owned(), "quote\"d".to_owned()] {
+            let refused = answer(&metrics, &insecure(Some(&junk))).await?;
+            ensure!(refused.code == 401 && refused.body == "Unauthorized\n", "{} {}", refused.code, refused.body);
+        }
+        let after = posts(&answer(&metrics, &scraper).await?.body);
+        ensure!(after == before, "malformed tokens cost {} reviews", after - before);
+
+        // Metrics and probes share the port here: the harder case.
+        let mut idle = Vec::new();
+        for _ in 0..1000 {
+            idle.push(tokio::net::TcpStream::connect(("127.0.0.1", operator.metrics_port)).await?);
+        }
+        let flood = futures::stream::iter(0..10_000)
+            .map(|index| {
+                let metrics = metrics.clone();
+                async move {
+                    let token = format!("random{index}.{:016x}", rand::random::<u64>());
+                    answer(&metrics, &insecure(Some(&token))).await.map(|a| a.code)
+                }
+            })
+            .buffer_unordered(32)
+            .collect::<Vec<_>>();
+        let watch = async {
+            let mut checks = 0;
+            loop {
+                let probed = answer(&format!("{base}/healthz"), &insecure(None)).await?;
+                ensure!(probed.code == 200, "/healthz during the flood: {} {}", probed.code, probed.body);
+                let scraped = answer(&metrics, &scraper).await?;
+                ensure!(scraped.code == 200, "the scraper during the flood: {} {}", scraped.code, scraped.body);
+                checks += 1;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                if checks >= 10_000 {
+                    return Ok::<_, anyhow::Error>(checks);
+                }
+            }
+        };
+        let codes = tokio::select! {
+            codes = flood => codes,
+            failed = watch => return Err(failed.err().unwrap_or_else(|| anyhow::anyhow!("the watch ended"))),
+        };
+        drop(idle);
+        let mut refused = (0, 0);
+        for code in codes {
+            match code? {
+                401 => refused.0 += 1,
+                503 => refused.1 += 1,
+                other => anyhow::bail!("a random token was answered {other}"),
+            }
+        }
+        eprintln!("random tokens: {} answered 401, {} answered 503 (reviews at their cap)", refused.0, refused.1);
+        ensure!(answer(&metrics, &scraper).await?.code == 200, "the scraper after the flood");
+        ensure!(f.lease_holder("flood-leader").await?.as_deref() == Some("flood"), "the Lease moved");
+        ensure!(
+            operator.wait(Duration::from_millis(10)).await.is_err(),
+            "the replica exited:\n{}",
+            operator.log_text()
+        );
+        Ok(())
+    }
+    .await;
+    remove_cluster_objects(&f, &release);
+    result
 }
