@@ -21,7 +21,8 @@ async fn the_operator_survives_an_api_server_restart_and_converges_afterwards() 
     let args: Vec<&str> = timing.iter().copied().chain(["--reenter-election-on-loss=true"]).collect();
     let mut operator =
         OperatorProcess::spawn(&cluster.admin_kubeconfig, "survivor", "restart-leader", &ns, &args, &[])?;
-    eventually(Duration::from_secs(30), "the replica to lead", || async {
+    // A fresh Lease is created one lease duration (30 s) after the first look.
+    eventually(Duration::from_secs(60), "the replica to lead", || async {
         Ok((operator.master_status("restart-leader").await? == 1.0).then_some(()))
     })
     .await?;

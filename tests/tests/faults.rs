@@ -144,6 +144,12 @@ async fn an_api_server_restart_under_load_loses_nothing() -> Result<()> {
     let a = OperatorProcess::spawn(&f.cluster.admin_kubeconfig, "load-a", "fault-leader", &ns, &timing, &[])?;
     let b = OperatorProcess::spawn(&f.cluster.admin_kubeconfig, "load-b", "fault-leader", &ns, &timing, &[])?;
     let sampler = LeaderSampler::start(vec![a.metrics_port, b.metrics_port], "fault-leader".into());
+    // A fresh Lease is created one lease duration (30 s) after the first look: lead first, so
+    // the restart lands while the leader works.
+    eventually(Duration::from_secs(60), "a leader", || async {
+        Ok((a.master_status("fault-leader").await? + b.master_status("fault-leader").await? == 1.0).then_some(()))
+    })
+    .await?;
     let count = objects();
     create_many(&f.resources, count, "first").await?;
 
