@@ -57,21 +57,33 @@ pub fn run(root: &Path, options: &Options) -> Result<()> {
     }
     let (state, started) = cluster::up(root, options.with_node, cluster::binaries::DEFAULT_KUBERNETES)?;
     eprintln!("running tests against {} (Kubernetes {})", state.server, state.kubernetes_version);
-    let operator_binary = crate::build_operator(root)?;
-    let mut command = cargo_test(root, &state, &operator_binary, &options.cargo_test_args);
-    // With a node, the chart's Pods run the dev build's image (quick to build; the demo and
-    // README use the release build).
-    if let Some(socket) = &state.containerd_socket {
-        let reference = crate::image::run(root, true)?;
-        command
-            .env("EXAMPLE_OPERATOR_IMAGE", &reference)
-            .env("EXAMPLE_OPERATOR_IMAGE_ARCHIVE", crate::image::archive_path(root))
-            .env("EXAMPLE_OPERATOR_CONTAINERD_SOCKET", socket);
-    }
-    if options.long {
-        command.env("EXAMPLE_OPERATOR_LONG_FAULTS", "1");
-    }
-    let status = command.status().context("running cargo test")?;
+    let run = || -> Result<std::process::ExitStatus> {
+        let operator_binary = crate::build_operator(root)?;
+        let mut command = cargo_test(root, &state, &operator_binary, &options.cargo_test_args);
+        // With a node, the chart's Pods run the dev build's image (quick to build; the demo and
+        // README use the release build).
+        if let Some(socket) = &state.containerd_socket {
+            let reference = crate::image::run(root, true)?;
+            command
+                .env("EXAMPLE_OPERATOR_IMAGE", &reference)
+                .env("EXAMPLE_OPERATOR_IMAGE_ARCHIVE", crate::image::archive_path(root))
+                .env("EXAMPLE_OPERATOR_CONTAINERD_SOCKET", socket);
+        }
+        if options.long {
+            command.env("EXAMPLE_OPERATOR_LONG_FAULTS", "1");
+        }
+        command.status().context("running cargo test")
+    };
+    let status = match run() {
+        Ok(status) => status,
+        Err(error) => {
+            // A build that fails leaves no cluster behind that this call started.
+            if started {
+                let _ = state.stop(root);
+            }
+            return Err(error);
+        }
+    };
     // Tests may stop and start components (new PIDs): judge the cluster as recorded now.
     let state = cluster::ClusterState::load(root)?.unwrap_or(state);
     let crashed = state.crashed();
