@@ -105,32 +105,29 @@ impl DesiredConfigMap {
         controller_uid(&existing.metadata) == Some(self.owner.uid.as_str())
     }
 
-    /// True when `existing` needs no write: ours, labelled, and holding exactly the desired data.
+    /// True when `existing` needs no write: ours, labelled, and holding the desired value under
+    /// each key this controller owns. Keys, binary data and labels other writers added are theirs:
+    /// they neither cause a write nor are removed.
     pub fn is_satisfied_by(&self, existing: &ConfigMap) -> bool {
         let labelled = existing.labels().get(MANAGED_BY_LABEL).map(String::as_str) == Some(MANAGER);
         let empty = BTreeMap::new();
         let data = existing.data.as_ref().unwrap_or(&empty);
         // A cached copy holds digests; one read from the API server holds the values.
         let digested = existing.annotations().contains_key(DIGESTED_ANNOTATION);
-        let data_matches = data.len() == self.data.len()
-            && self.data.iter().all(|(key, wanted)| {
-                data.get(key).is_some_and(|held| if digested { *held == digest(wanted) } else { held == wanted })
-            });
-        let no_binary = existing.binary_data.as_ref().is_none_or(BTreeMap::is_empty);
-        self.is_owner_of(existing) && labelled && data_matches && no_binary
+        let data_matches = self.data.iter().all(|(key, wanted)| {
+            data.get(key).is_some_and(|held| if digested { *held == digest(wanted) } else { held == wanted })
+        });
+        self.is_owner_of(existing) && labelled && data_matches
     }
 
-    /// A JSON merge patch that turns `existing` into the desired ConfigMap: sets our label, our
-    /// owner reference (other owners' references stay, in place) and data, and removes data keys
-    /// someone else added. The uid and resourceVersion make it conditional on the object as read:
-    /// a recreated ConfigMap, or one changed since (a new owner, say), is not written; the
-    /// server answers 409 and the retry reads it again.
+    /// A JSON merge patch that turns `existing` into the desired ConfigMap where it is ours: sets
+    /// our label, our owner reference (other owners' references stay, in place) and the keys we
+    /// own; keys, binary data and labels other writers added stay. The uid and resourceVersion
+    /// make it conditional on the object as read: a recreated ConfigMap, or one changed since (a
+    /// new owner, say), is not written; the server answers 409 and the retry reads it again.
     fn repair_patch(&self, existing: &ConfigMap) -> serde_json::Value {
-        let mut data: serde_json::Map<String, serde_json::Value> =
+        let data: serde_json::Map<String, serde_json::Value> =
             self.data.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
-        for key in existing.data.iter().flat_map(|d| d.keys()) {
-            data.entry(key.clone()).or_insert(serde_json::Value::Null);
-        }
         let mut owners: Vec<OwnerReference> = existing.metadata.owner_references.clone().unwrap_or_default();
         match owners.iter_mut().find(|owner| owner.uid == self.owner.uid) {
             Some(ours) => *ours = self.owner.clone(),
@@ -144,7 +141,6 @@ impl DesiredConfigMap {
                 "ownerReferences": owners,
             },
             "data": data,
-            "binaryData": null,
         })
     }
 }
@@ -252,14 +248,18 @@ mod tests {
     }
 
     #[test]
-    fn drift_in_data_labels_or_owner_is_detected() {
+    fn drift_in_our_keys_labels_or_owner_is_detected_and_others_keys_are_not_drift() {
         let wanted = desired();
         let mut edited = wanted.to_config_map();
         edited.data = Some(BTreeMap::from([("message".to_owned(), "edited".to_owned())]));
         assert!(!wanted.is_satisfied_by(&edited));
+        let mut removed = wanted.to_config_map();
+        removed.data = Some(BTreeMap::new());
+        assert!(!wanted.is_satisfied_by(&removed));
         let mut extra = wanted.to_config_map();
         extra.data.get_or_insert_default().insert("extra".into(), "x".into());
-        assert!(!wanted.is_satisfied_by(&extra));
+        extra.binary_data = Some(BTreeMap::from([("b".to_owned(), k8s_openapi::ByteString(vec![1]))]));
+        assert!(wanted.is_satisfied_by(&extra), "keys someone else added are theirs, not drift");
         let mut unlabelled = wanted.to_config_map();
         unlabelled.metadata.labels = None;
         assert!(!wanted.is_satisfied_by(&unlabelled) && wanted.is_owner_of(&unlabelled));
@@ -289,11 +289,11 @@ mod tests {
         let mut binary = wanted.to_config_map();
         binary.binary_data = Some(BTreeMap::from([("b".to_owned(), k8s_openapi::ByteString(vec![1]))]));
         digest_data(&mut binary);
-        assert!(!wanted.is_satisfied_by(&binary), "binary data is drift, digested or not");
+        assert!(wanted.is_satisfied_by(&binary), "binary data someone added is theirs, digested or not");
     }
 
     #[test]
-    fn repair_patch_removes_foreign_data_keys_and_pins_the_uid() {
+    fn repair_patch_keeps_others_keys_and_pins_the_uid() {
         let wanted = desired();
         let mut existing = wanted.to_config_map();
         existing.metadata.uid = Some("cm-uid".into());
@@ -301,7 +301,8 @@ mod tests {
             Some(BTreeMap::from([("message".to_owned(), "old".to_owned()), ("extra".to_owned(), "x".to_owned())]));
         let patch = wanted.repair_patch(&existing);
         assert_eq!(patch["data"]["message"], "hi");
-        assert_eq!(patch["data"]["extra"], serde_json::Value::Null);
+        assert!(patch["data"].get("extra").is_none(), "another writer's key is left alone: {patch}");
+        assert!(patch.get("binaryData").is_none(), "and so is binary data: {patch}");
         assert_eq!(patch["metadata"]["uid"], "cm-uid");
         assert_eq!(patch["metadata"]["ownerReferences"][0]["uid"], "uid-1");
     }

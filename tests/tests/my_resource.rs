@@ -127,11 +127,23 @@ async fn a_config_map_edited_or_deleted_by_hand_is_restored() -> Result<()> {
     create(&f.resources, "drift", "the truth").await?;
     wait_for_message(&f.config_maps, "drift-configmap", "the truth").await?;
 
+    // Our key is restored; a key someone else added is theirs and stays.
     let edit = json!({"data": {"message": "tampered", "extra": "added by hand"}});
     f.config_maps.patch("drift-configmap", &PatchParams::default(), &Patch::Merge(edit)).await?;
     let restored = wait_for_message(&f.config_maps, "drift-configmap", "the truth").await?;
-    let keys: Vec<&String> = restored.data.iter().flat_map(|d| d.keys()).collect();
-    ensure!(keys == ["message"], "keys added by hand are removed: {keys:?}");
+    let extra = restored.data.as_ref().and_then(|d| d.get("extra")).map(String::as_str);
+    ensure!(extra == Some("added by hand"), "a key added by hand stays: {:?}", restored.data);
+    // A change to that key alone is no reason to write.
+    let version = restored.metadata.resource_version.clone();
+    let edit = json!({"data": {"extra": "changed by hand"}});
+    let changed = f.config_maps.patch("drift-configmap", &PatchParams::default(), &Patch::Merge(edit)).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await; // a window for a write that must not come
+    let after = f.config_maps.get("drift-configmap").await?;
+    ensure!(
+        after.metadata.resource_version == changed.metadata.resource_version
+            && version != after.metadata.resource_version,
+        "the operator wrote after a change to another writer's key"
+    );
 
     let before = f.config_maps.get("drift-configmap").await?.metadata.uid;
     f.config_maps.delete("drift-configmap", &DeleteParams::default()).await?;
