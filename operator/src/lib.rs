@@ -243,13 +243,10 @@ async fn lead_while_elected(
         // any release.
         caches.end_term().await;
         match end {
-            TermEnd::Shutdown => {
-                elector.release().await;
-                return ExitCode::SUCCESS;
-            }
-            TermEnd::DrainAborted => {
-                // The release refuses when a write of the aborted reconciles was in flight (its
-                // bytes may still reach the API server): a successor then waits out the lease.
+            // After an aborted drain the release refuses when a write of the aborted reconciles
+            // was in flight (its bytes may still reach the API server): a successor then waits
+            // out the lease.
+            TermEnd::Shutdown | TermEnd::DrainAborted => {
                 elector.release().await;
                 return ExitCode::SUCCESS;
             }

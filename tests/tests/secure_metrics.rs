@@ -36,6 +36,28 @@ fn apply_the_charts_metrics_rbac(f: &Fixture, release: &str) -> Result<String> {
     Ok(format!("{release}-example-operator-metrics-reader"))
 }
 
+/// A token of ServiceAccount `reader`, bound to the chart's metrics-reader ClusterRole for
+/// release `release` (the binding carries the release label, so [`remove_cluster_objects`]
+/// removes it).
+fn a_metrics_reader(f: &Fixture, release: &str) -> Result<String> {
+    let reader_role = apply_the_charts_metrics_rbac(f, release)?;
+    let reader = token_of(f, "reader")?;
+    let binding = format!("{release}-reader");
+    let account = format!("{}:reader", f.ns());
+    succeeded(f.cluster.kubectl(&[
+        "create",
+        "clusterrolebinding",
+        &binding,
+        "--clusterrole",
+        &reader_role,
+        "--serviceaccount",
+        &account,
+    ])?)?;
+    let _ =
+        f.cluster.kubectl(&["label", "clusterrolebinding", &binding, &format!("app.kubernetes.io/instance={release}")]);
+    Ok(reader)
+}
+
 fn remove_cluster_objects(f: &Fixture, release: &str) {
     for kind in ["clusterrolebinding", "clusterrole"] {
         let _ = f.cluster.kubectl(&["delete", kind, "-l", &format!("app.kubernetes.io/instance={release}")]);
@@ -55,24 +77,8 @@ async fn metrics_answer_only_callers_the_api_server_allows_and_probes_stay_open(
     let f = Fixture::new("secure-metrics").await?;
     let release = f.ns().to_owned();
     let result = async {
-        let reader_role = apply_the_charts_metrics_rbac(&f, &release)?;
-        let reader = token_of(&f, "reader")?;
+        let reader = a_metrics_reader(&f, &release)?;
         let stranger = token_of(&f, "stranger")?;
-        succeeded(f.cluster.kubectl(&[
-            "create",
-            "clusterrolebinding",
-            &format!("{release}-reader"),
-            "--clusterrole",
-            &reader_role,
-            "--serviceaccount",
-            &format!("{}:reader", f.ns()),
-        ])?)?;
-        let _ = f.cluster.kubectl(&[
-            "label",
-            "clusterrolebinding",
-            &format!("{release}-reader"),
-            &format!("app.kubernetes.io/instance={release}"),
-        ]);
 
         // Metrics and probes share the port here (the harder case for keeping probes open).
         let operator = f.replica("secure", "secure-leader", &["--metrics-secure"])?;
@@ -252,25 +258,7 @@ async fn idle_connections_and_random_tokens_leave_probes_the_lease_and_the_scrap
     let f = Fixture::new("metrics-flood").await?;
     let release = f.ns().to_owned();
     let result = async {
-        let reader_role = apply_the_charts_metrics_rbac(&f, &release)?;
-        let reader = token_of(&f, "reader")?;
-        let binding = format!("{release}-reader");
-        let reader_account = format!("{}:reader", f.ns());
-        succeeded(f.cluster.kubectl(&[
-            "create",
-            "clusterrolebinding",
-            &binding,
-            "--clusterrole",
-            &reader_role,
-            "--serviceaccount",
-            &reader_account,
-        ])?)?;
-        let _ = f.cluster.kubectl(&[
-            "label",
-            "clusterrolebinding",
-            &binding,
-            &format!("app.kubernetes.io/instance={release}"),
-        ]);
+        let reader = a_metrics_reader(&f, &release)?;
         let mut args: Vec<&str> = e2e_tests::TEST_LEASE.to_vec();
         args.push("--metrics-secure");
         let mut operator = f.replica("flood", "flood-leader", &args)?;
