@@ -112,6 +112,33 @@ pub struct Cli {
     #[arg(long, env = "METRICS_CERT_DIR")]
     pub metrics_cert_dir: Option<PathBuf>,
 
+    /// With --metrics-secure: accept only bearer tokens issued for this audience (the TokenReview
+    /// asks for it and the answer must name it), e.g. a projected ServiceAccount token made for
+    /// the operator alone. Empty accepts tokens for the API server's own audiences.
+    #[arg(long, env = "METRICS_TOKEN_AUDIENCE")]
+    pub metrics_token_audience: Option<String>,
+
+    /// Namespaces that never receive a ConfigMap from the operator, besides kube-system,
+    /// kube-public, kube-node-lease and the operator's own (POD_NAMESPACE); comma separated. A
+    /// MessageBroadcast skips them (removing copies it had there); a MyResource in one is Failed.
+    #[arg(long, env = "PROTECTED_NAMESPACES", value_delimiter = ',')]
+    pub protected_namespaces: Vec<String>,
+
+    /// ConfigMap names the operator never writes (a resource asking for one is Failed), comma
+    /// separated; replaces the default list. Names other components publish in many namespaces.
+    #[arg(
+        long,
+        env = "RESERVED_CONFIGMAP_NAMES",
+        value_delimiter = ',',
+        default_values_t = reconcilers::tenancy::DEFAULT_RESERVED_CONFIG_MAP_NAMES.map(String::from)
+    )]
+    pub reserved_configmap_names: Vec<String>,
+
+    /// The most bytes one MessageBroadcast may write in total: its message's UTF-8 bytes times the
+    /// namespaces it matches. Past it the broadcast is Failed; copies already written stay.
+    #[arg(long, env = "BROADCAST_MAX_BYTES", default_value_t = reconcilers::tenancy::DEFAULT_BROADCAST_MAX_BYTES)]
+    pub broadcast_max_bytes: u64,
+
     /// Log format.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -204,6 +231,8 @@ pub struct Config {
 pub struct MetricsSecurity {
     /// `tls.crt` and `tls.key` in this folder; `None` makes a self-signed certificate.
     pub cert_dir: Option<PathBuf>,
+    /// The audience a caller's token must be issued for; `None` takes the API server's own.
+    pub token_audience: Option<String>,
 }
 
 /// A configuration that cannot work, with the reason.
@@ -338,6 +367,23 @@ impl Cli {
             }
         }
         let identity = self.identity.filter(|id| !id.is_empty());
+        let own_namespace = self.leader_election_namespace.clone().filter(|ns| !ns.is_empty());
+        let tenancy = reconcilers::tenancy::Tenancy {
+            protected_namespaces: reconcilers::tenancy::DEFAULT_PROTECTED_NAMESPACES
+                .iter()
+                .map(|&ns| ns.to_owned())
+                .chain(own_namespace)
+                .chain(self.protected_namespaces.into_iter().map(|ns| ns.trim().to_owned()))
+                .filter(|ns| !ns.is_empty())
+                .collect(),
+            reserved_config_map_names: self
+                .reserved_configmap_names
+                .into_iter()
+                .map(|name| name.trim().to_owned())
+                .filter(|name| !name.is_empty())
+                .collect(),
+            broadcast_max_bytes: self.broadcast_max_bytes,
+        };
         let election = if self.leader_elect {
             validate_timing(self.lease_duration, self.renew_deadline, self.retry_period)?;
             Some(ElectionConfig {
@@ -369,9 +415,13 @@ impl Cli {
                 watch_namespace: self.watch_namespace.filter(|ns| !ns.is_empty()),
                 reconcile_timeout: self.reconcile_timeout,
                 sync_period: Some(self.sync_period).filter(|period| !period.is_zero()),
+                tenancy: std::sync::Arc::new(tenancy),
             },
             metrics_security: match (self.metrics_secure, self.metrics_cert_dir) {
-                (true, cert_dir) => Some(MetricsSecurity { cert_dir: cert_dir.filter(|d| !d.as_os_str().is_empty()) }),
+                (true, cert_dir) => Some(MetricsSecurity {
+                    cert_dir: cert_dir.filter(|d| !d.as_os_str().is_empty()),
+                    token_audience: self.metrics_token_audience.filter(|aud| !aud.is_empty()),
+                }),
                 (false, None) => None,
                 (false, Some(dir)) if dir.as_os_str().is_empty() => None,
                 (false, Some(_)) => return Err(ConfigError::CertWithoutSecure),
@@ -425,10 +475,13 @@ mod tests {
     #[test]
     fn secure_metrics_take_a_certificate_folder_only_when_on() -> Result<(), String> {
         assert_eq!(parse(&[])?.metrics_security, None, "plain HTTP unless asked");
-        assert_eq!(parse(&["--metrics-secure"])?.metrics_security, Some(MetricsSecurity { cert_dir: None }));
+        assert_eq!(
+            parse(&["--metrics-secure"])?.metrics_security,
+            Some(MetricsSecurity { cert_dir: None, token_audience: None })
+        );
         assert_eq!(parse(&["--metrics-secure=false"])?.metrics_security, None);
         let secured = parse(&["--metrics-secure=true", "--metrics-cert-dir", "/certs"])?.metrics_security;
-        assert_eq!(secured, Some(MetricsSecurity { cert_dir: Some("/certs".into()) }));
+        assert_eq!(secured, Some(MetricsSecurity { cert_dir: Some("/certs".into()), token_audience: None }));
         let error = parse(&["--metrics-cert-dir", "/certs"]).err().unwrap_or_default();
         assert!(error.contains("--metrics-secure is not"), "{error}");
         Ok(())
@@ -514,6 +567,40 @@ mod tests {
             let error = parse(&["--concurrency", value]).err().unwrap_or_default();
             assert!(error.contains(expected), "{value}: {error}");
         }
+        Ok(())
+    }
+
+    #[test]
+    fn tenancy_flags_extend_the_protected_namespaces_and_replace_the_reserved_names() -> Result<(), String> {
+        let defaults = parse(&["--identity", "pod-0", "--leader-election-namespace", "operators"])?;
+        let tenancy = &defaults.controllers.tenancy;
+        for namespace in ["kube-system", "kube-public", "kube-node-lease", "operators"] {
+            assert!(tenancy.is_protected(namespace), "{namespace} is protected by default");
+        }
+        assert!(tenancy.reserved_config_map_names.contains("kube-root-ca.crt"));
+        assert_eq!(tenancy.broadcast_max_bytes, 16 * 1024 * 1024);
+
+        let set = parse(&[
+            "--protected-namespaces=platform, security",
+            "--reserved-configmap-names=only-this",
+            "--broadcast-max-bytes=1024",
+        ])?;
+        let tenancy = &set.controllers.tenancy;
+        assert!(
+            tenancy.is_protected("platform") && tenancy.is_protected("security") && tenancy.is_protected("kube-system")
+        );
+        assert_eq!(tenancy.reserved_config_map_names, BTreeSet::from(["only-this".to_owned()]));
+        assert_eq!(tenancy.broadcast_max_bytes, 1024);
+        assert!(parse(&["--broadcast-max-bytes=lots"]).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn a_metrics_token_audience_applies_to_secure_metrics() -> Result<(), String> {
+        let security = parse(&["--metrics-secure", "--metrics-token-audience=example-operator"])?.metrics_security;
+        assert_eq!(security.and_then(|s| s.token_audience).as_deref(), Some("example-operator"));
+        let security = parse(&["--metrics-secure", "--metrics-token-audience="])?.metrics_security;
+        assert_eq!(security.and_then(|s| s.token_audience), None);
         Ok(())
     }
 }

@@ -145,7 +145,8 @@ async fn serve_http(
     let metrics_router = || match &tls {
         None => http::metrics_router(registry.clone()),
         Some(_) => {
-            let auth = Arc::new(metrics_auth::MetricsAuth::new(client.clone()));
+            let audience = config.metrics_security.as_ref().and_then(|s| s.token_audience.clone());
+            let auth = Arc::new(metrics_auth::MetricsAuth::new(client.clone(), audience));
             http::secure_metrics_router(registry.clone(), auth)
         }
     };

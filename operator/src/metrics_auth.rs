@@ -76,6 +76,8 @@ pub enum CheckError {
 /// Authenticates and authorizes requests through the API server.
 pub struct MetricsAuth {
     client: kube::Client,
+    /// The audience a token must be issued for; `None` takes the API server's own.
+    audience: Option<String>,
     remembered: Mutex<lru::LruCache<CacheKey, (Instant, Decision)>>,
     flights: Mutex<HashMap<CacheKey, Flight>>,
     reviews: Arc<tokio::sync::Semaphore>,
@@ -105,9 +107,12 @@ fn bearer_token(headers: &HeaderMap) -> Option<&str> {
 }
 
 impl MetricsAuth {
-    pub fn new(client: kube::Client) -> Self {
+    /// Checks callers against the API server `client` talks to; with `audience`, a token must
+    /// be issued for it (`--metrics-token-audience`), else for the API server's own audiences.
+    pub fn new(client: kube::Client, audience: Option<String>) -> Self {
         Self {
             client,
+            audience,
             remembered: Mutex::new(lru::LruCache::new(CACHE_LIMIT)),
             flights: Mutex::new(HashMap::new()),
             reviews: Arc::new(tokio::sync::Semaphore::new(MAX_REVIEWS_IN_FLIGHT)),
@@ -169,11 +174,19 @@ impl MetricsAuth {
 
     async fn ask(&self, token: &str, verb: &str, path: &str) -> Result<Decision, kube::Error> {
         let review = TokenReview {
-            spec: TokenReviewSpec { token: token.to_owned(), audiences: None },
+            spec: TokenReviewSpec { token: token.to_owned(), audiences: self.audience.clone().map(|aud| vec![aud]) },
             ..TokenReview::default()
         };
         let reviewed = Api::<TokenReview>::all(self.client.clone()).create(&PostParams::default(), &review).await?;
         let status = reviewed.status.unwrap_or_default();
+        // The API server lists the asked-for audiences the token is valid for; one of ours
+        // must be there (TokenReview's contract for a client that sets spec.audiences).
+        if let Some(audience) = &self.audience
+            && status.authenticated == Some(true)
+            && !status.audiences.iter().flatten().any(|valid| valid == audience)
+        {
+            return Ok(Decision::Unauthenticated(format!("the token is not valid for the audience {audience:?}")));
+        }
         let user = match (status.authenticated, status.user) {
             (Some(true), Some(user)) => user,
             _ => {
@@ -283,7 +296,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn concurrent_requests_with_one_token_share_one_review_and_reviews_are_capped() {
         let reviews = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let auth = Arc::new(MetricsAuth::new(api_server(reviews.clone(), Duration::from_secs(1))));
+        let auth = Arc::new(MetricsAuth::new(api_server(reviews.clone(), Duration::from_secs(1)), None));
         let same: Vec<_> = (0..50)
             .map(|_| {
                 let auth = auth.clone();
@@ -316,7 +329,7 @@ mod tests {
     #[tokio::test]
     async fn a_flood_of_new_tokens_never_evicts_the_scrapers_decision() {
         let reviews = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let auth = MetricsAuth::new(api_server(reviews.clone(), Duration::ZERO));
+        let auth = MetricsAuth::new(api_server(reviews.clone(), Duration::ZERO), None);
         let scraper = headers("Bearer scraper");
         assert_eq!(auth.decide(&scraper, &Method::GET, "/metrics").await.ok(), Some(Decision::Allowed));
         for index in 0..(2 * CACHE_LIMIT.get()) {
@@ -329,6 +342,41 @@ mod tests {
         let before = reviews.load(std::sync::atomic::Ordering::SeqCst);
         assert_eq!(auth.decide(&scraper, &Method::GET, "/metrics").await.ok(), Some(Decision::Allowed));
         assert_eq!(reviews.load(std::sync::atomic::Ordering::SeqCst), before, "the scraper's decision is still cached");
+    }
+
+    /// An API server that asserts each TokenReview asks for the audience `metrics` and answers
+    /// that only the token `for-metrics` is valid for it (others authenticate, for another audience).
+    fn audience_checking_api_server() -> kube::Client {
+        let service = tower::service_fn(move |request: http::Request<kube::client::Body>| async move {
+            let is_review = request.uri().path().ends_with("/tokenreviews");
+            let body = request.into_body().collect_bytes().await.map(|b| b.to_vec()).unwrap_or_default();
+            let asked: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+            let body = if is_review {
+                assert_eq!(
+                    asked["spec"]["audiences"],
+                    serde_json::json!(["metrics"]),
+                    "the review asks for the audience"
+                );
+                let audiences =
+                    if asked["spec"]["token"] == "for-metrics" { "metrics" } else { "https://kubernetes.default.svc" };
+                format!(
+                    r#"{{"apiVersion":"authentication.k8s.io/v1","kind":"TokenReview","spec":{{}},"status":{{"authenticated":true,"audiences":["{audiences}"],"user":{{"username":"scraper"}}}}}}"#
+                )
+            } else {
+                r#"{"apiVersion":"authorization.k8s.io/v1","kind":"SubjectAccessReview","spec":{},"status":{"allowed":true}}"#.to_owned()
+            };
+            Ok::<_, std::convert::Infallible>(http::Response::new(body))
+        });
+        kube::Client::new(service, "default")
+    }
+
+    #[tokio::test]
+    async fn with_an_audience_only_tokens_issued_for_it_are_accepted() {
+        let auth = MetricsAuth::new(audience_checking_api_server(), Some("metrics".to_owned()));
+        let decision = auth.decide(&headers("Bearer for-metrics"), &Method::GET, "/metrics").await.ok();
+        assert_eq!(decision, Some(Decision::Allowed));
+        let decision = auth.decide(&headers("Bearer for-the-api-server"), &Method::GET, "/metrics").await.ok();
+        assert!(matches!(decision, Some(Decision::Unauthenticated(_))), "{decision:?}");
     }
 
     #[test]

@@ -22,6 +22,12 @@ pub enum Reason {
     InvalidConfigMapName,
     /// The namespace selector cannot be evaluated.
     InvalidSelector,
+    /// The ConfigMap name is reserved for other components.
+    ReservedConfigMapName,
+    /// The resource is in a namespace the operator never writes into.
+    NamespaceProtected,
+    /// The broadcast would write more bytes in total than the operator allows.
+    BroadcastTooLarge,
     /// Writes are in progress or failed transiently and are being retried.
     Reconciling,
 }

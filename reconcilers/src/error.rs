@@ -26,6 +26,32 @@ pub enum Error {
         /// Which rule it breaks.
         reason: String,
     },
+    /// The ConfigMap name is one the operator never writes (`--reserved-configmap-names`).
+    #[error(
+        "configmap name {name:?} is reserved: other components publish ConfigMaps of that name, so this operator never writes one"
+    )]
+    ReservedConfigMapName {
+        /// The reserved name.
+        name: String,
+    },
+    /// The resource's namespace is one the operator never writes into (`--protected-namespaces`).
+    #[error("namespace {namespace} is protected: this operator writes no ConfigMap there")]
+    ProtectedNamespace {
+        /// The protected namespace.
+        namespace: String,
+    },
+    /// A broadcast would write more than `--broadcast-max-bytes` in total.
+    #[error(
+        "the broadcast would write {bytes} bytes (its message to {namespaces} namespaces), more than the limit of {limit} bytes; nothing was written, copies already there stay"
+    )]
+    BroadcastTooLarge {
+        /// Message bytes × matching namespaces.
+        bytes: u64,
+        /// Matching namespaces.
+        namespaces: usize,
+        /// `--broadcast-max-bytes`.
+        limit: u64,
+    },
     /// The namespace selector cannot be evaluated.
     #[error("namespace selector is invalid: {0}")]
     InvalidSelector(String),
@@ -67,6 +93,9 @@ impl Error {
             Error::ConfigMapConflict { .. } => Reason::ConfigMapConflict,
             Error::InvalidConfigMapName { .. } => Reason::InvalidConfigMapName,
             Error::InvalidSelector(_) => Reason::InvalidSelector,
+            Error::ReservedConfigMapName { .. } => Reason::ReservedConfigMapName,
+            Error::ProtectedNamespace { .. } => Reason::NamespaceProtected,
+            Error::BroadcastTooLarge { .. } => Reason::BroadcastTooLarge,
             _ => Reason::Reconciling,
         }
     }
@@ -81,6 +110,9 @@ impl Error {
             Error::ConfigMapConflict { .. } => "configmap_conflict",
             Error::InvalidConfigMapName { .. } => "invalid_configmap_name",
             Error::InvalidSelector(_) => "invalid_selector",
+            Error::ReservedConfigMapName { .. } => "reserved_configmap_name",
+            Error::ProtectedNamespace { .. } => "protected_namespace",
+            Error::BroadcastTooLarge { .. } => "broadcast_too_large",
             Error::MissingField(_) => "missing_field",
             Error::Serialize(_) => "serialize",
             Error::Timeout(_) => "timeout",

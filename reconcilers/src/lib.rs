@@ -16,6 +16,7 @@ pub mod queue;
 pub mod registry;
 pub mod runtime;
 pub mod shared_cache;
+pub mod tenancy;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
@@ -52,6 +53,8 @@ pub struct Settings {
     /// How often every cached object is reconciled again without an event (controller-runtime's
     /// SyncPeriod, jittered ±10%); `None` never.
     pub sync_period: Option<Duration>,
+    /// Where and how much resources may make the operator write.
+    pub tenancy: std::sync::Arc<tenancy::Tenancy>,
 }
 
 impl Default for Settings {
@@ -63,6 +66,7 @@ impl Default for Settings {
             watch_namespace: None,
             reconcile_timeout: Duration::from_secs(60),
             sync_period: Some(DEFAULT_SYNC_PERIOD),
+            tenancy: std::sync::Arc::default(),
         }
     }
 }
@@ -105,6 +109,7 @@ impl Caches {
             instance: settings.instance.clone(),
             reconcile_timeout: settings.reconcile_timeout,
             scope: settings.watch_namespace.clone(),
+            tenancy: settings.tenancy.clone(),
         };
         let controllers = CONTROLLERS
             .iter()

@@ -22,6 +22,7 @@ use crate::error::{Error, Result};
 use crate::owned_config_map::{self, DesiredConfigMap, WriteOutcome, controller_of_kind, controller_uid};
 use crate::registry::{Built, CacheSet, ControllerEnv, Registration};
 use crate::runtime::{Controller, Reconciler};
+use crate::tenancy::Tenancy;
 
 /// Name of this controller in metrics, logs and spans.
 pub const CONTROLLER: &str = "messagebroadcast";
@@ -48,6 +49,8 @@ pub struct Context {
     pub known: KnownCopies,
     /// `--watch-namespace`, where copies may be.
     pub scope: Option<String>,
+    /// Where and how much the operator may write.
+    pub tenancy: Arc<Tenancy>,
 }
 
 /// The copies this controller wrote or saw, per broadcast uid. The ConfigMap cache holds only
@@ -113,10 +116,12 @@ pub fn matching_namespaces(selector: &Selector, namespaces: &[Arc<Namespace>]) -
     namespaces.iter().filter(|ns| is_active(ns) && selector.matches(ns.labels())).map(|ns| ns.name_any()).collect()
 }
 
-/// The copy `broadcast` wants in `namespace`.
-pub fn desired_copy(broadcast: &MessageBroadcast, namespace: &str) -> Result<DesiredConfigMap> {
+/// The copy `broadcast` wants in `namespace`, or why it can have none (an invalid or reserved
+/// name).
+pub fn desired_copy(broadcast: &MessageBroadcast, namespace: &str, tenancy: &Tenancy) -> Result<DesiredConfigMap> {
     let name = broadcast.config_map_name().to_owned();
     owned_config_map::validate_name(&name)?;
+    tenancy.check_name(&name)?;
     Ok(DesiredConfigMap {
         namespace: namespace.to_owned(),
         name,
@@ -129,6 +134,8 @@ pub fn desired_copy(broadcast: &MessageBroadcast, namespace: &str) -> Result<Des
 #[derive(Debug, Default, PartialEq)]
 pub struct FanOut {
     pub matched: u32,
+    /// Protected namespaces the selector matches: never written, not counted in `matched`.
+    pub protected: Vec<String>,
     pub ready: u32,
     pub conflicts: Vec<String>,
     pub created: u32,
@@ -153,11 +160,17 @@ pub fn desired_status(broadcast: &MessageBroadcast, fan_out: &FanOut, error: Opt
             );
             (ConditionStatus::False, Reason::ConfigMapConflict, message)
         }
-        None => (
-            ConditionStatus::True,
-            Reason::CopiesSynced,
-            format!("{} of {} matching namespaces hold the message", fan_out.ready, fan_out.matched),
-        ),
+        None => {
+            let mut message = format!("{} of {} matching namespaces hold the message", fan_out.ready, fan_out.matched);
+            if !fan_out.protected.is_empty() {
+                let mut named = fan_out.protected.iter().take(CONFLICTS_NAMED).cloned().collect::<Vec<_>>().join(", ");
+                if fan_out.protected.len() > CONFLICTS_NAMED {
+                    named.push_str(&format!(" and {} more", fan_out.protected.len() - CONFLICTS_NAMED));
+                }
+                message.push_str(&format!("; protected namespaces receive no copy: {named}"));
+            }
+            (ConditionStatus::True, Reason::CopiesSynced, message)
+        }
     };
     MessageBroadcastStatus {
         matched_namespaces: fan_out.matched,
@@ -224,12 +237,19 @@ fn namespace_terminating(status: &kube::core::Status) -> bool {
 /// `fan_out`. Stops at the first transient error after the writes in flight finish.
 async fn fan_out_copies(broadcast: &MessageBroadcast, context: &Context, fan_out: &mut FanOut) -> Result<()> {
     let selector = selector(broadcast)?;
-    let wanted = matching_namespaces(&selector, &context.namespaces.state());
+    let tenancy = &context.tenancy;
+    let (protected, wanted): (BTreeSet<String>, BTreeSet<String>) =
+        matching_namespaces(&selector, &context.namespaces.state())
+            .into_iter()
+            .partition(|ns| tenancy.is_protected(ns));
+    fan_out.protected = protected.into_iter().collect();
     fan_out.matched = u32::try_from(wanted.len()).unwrap_or(u32::MAX);
     let uid = broadcast.uid().ok_or(Error::MissingField("metadata.uid"))?;
     let name = broadcast.config_map_name().to_owned();
-    // An invalid name or owner fails the broadcast before any write.
-    desired_copy(broadcast, "")?;
+    // An invalid or reserved name, a missing owner, or a broadcast too large for the cap fails
+    // the broadcast before any write: the copies it has stay as they are.
+    desired_copy(broadcast, "", tenancy)?;
+    tenancy.check_broadcast_size(broadcast.spec.message.len(), wanted.len())?;
 
     let client = &context.base.client;
     let cache = &context.config_maps;
@@ -237,7 +257,7 @@ async fn fan_out_copies(broadcast: &MessageBroadcast, context: &Context, fan_out
     // message (a 64 KiB message to 2,000 namespaces would otherwise hold 125 MiB at once).
     let outcomes: Vec<(String, Result<WriteOutcome>)> = futures::stream::iter(wanted.iter().cloned())
         .map(|namespace: String| async move {
-            let written = match desired_copy(broadcast, &namespace) {
+            let written = match desired_copy(broadcast, &namespace, tenancy) {
                 Ok(copy) => owned_config_map::ensure(client, cache, &copy).await,
                 Err(error) => Err(error),
             };
@@ -415,6 +435,7 @@ fn build(caches: &mut CacheSet, env: &ControllerEnv) -> Built {
         broadcasts: broadcasts.store(),
         known: KnownCopies::default(),
         scope: env.scope.clone(),
+        tenancy: env.tenancy.clone(),
     });
     let (broadcast_store, config_map_store) = (broadcasts.store(), config_maps.store());
     Controller::new(context.clone(), context.base.clone(), &broadcasts)
@@ -469,7 +490,7 @@ mod tests {
 
     #[test]
     fn copies_are_owned_by_the_cluster_scoped_broadcast() -> Result<()> {
-        let copy = desired_copy(&broadcast(&[]), "team-a")?;
+        let copy = desired_copy(&broadcast(&[]), "team-a", &Tenancy::default())?;
         assert_eq!(copy.name, "greeting");
         assert_eq!(copy.namespace, "team-a");
         assert_eq!(copy.owner.kind, "MessageBroadcast");
@@ -519,5 +540,89 @@ mod tests {
             serde_json::from_value(serde_json::json!({"code": 403, "reason": "Forbidden", "message": "rbac"}))?;
         assert!(!namespace_terminating(&forbidden));
         Ok(())
+    }
+
+    /// A context over `namespaces` whose client counts the requests it is asked to send (and
+    /// fails them).
+    fn offline_context(
+        namespaces: &[Arc<Namespace>],
+        tenancy: Tenancy,
+    ) -> (Context, Arc<std::sync::atomic::AtomicUsize>) {
+        let requests = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = requests.clone();
+        let service = tower::service_fn(move |_request: http::Request<kube::client::Body>| {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            async { Err::<http::Response<kube::client::Body>, _>(std::io::Error::other("offline")) }
+        });
+        let metrics = crate::Metrics::new().unwrap_or_else(|error| panic!("metrics: {error}"));
+        let env = ControllerEnv {
+            client: kube::Client::new(service, "default"),
+            metrics,
+            instance: None,
+            reconcile_timeout: Duration::from_secs(5),
+            scope: None,
+            tenancy: Arc::new(tenancy.clone()),
+        };
+        let (namespace_store, mut writer) = kube::runtime::reflector::store();
+        for namespace in namespaces {
+            writer.apply_watcher_event(&kube::runtime::watcher::Event::Apply((**namespace).clone()));
+        }
+        let context = Context {
+            base: env.context(CONTROLLER),
+            config_maps: kube::runtime::reflector::store().0,
+            namespaces: namespace_store,
+            broadcasts: kube::runtime::reflector::store().0,
+            known: KnownCopies::default(),
+            scope: None,
+            tenancy: Arc::new(tenancy),
+        };
+        (context, requests)
+    }
+
+    #[tokio::test]
+    async fn a_reserved_name_or_a_broadcast_past_the_byte_cap_fails_before_any_write() {
+        let namespaces: Vec<_> = (0..10).map(|i| namespace(&format!("team-{i}"), &[], "Active")).collect();
+        let mut reserved = broadcast(&[]);
+        reserved.spec.config_map_name = Some("kube-root-ca.crt".into());
+        let (context, requests) = offline_context(&namespaces, Tenancy::default());
+        let error = fan_out_copies(&reserved, &context, &mut FanOut::default()).await.err();
+        assert!(matches!(error, Some(Error::ReservedConfigMapName { .. })), "{error:?}");
+
+        let mut large = broadcast(&[]);
+        large.spec.message = "x".repeat(100);
+        let tenancy = Tenancy { broadcast_max_bytes: 999, ..Tenancy::default() };
+        let (context, requests_too_large) = offline_context(&namespaces, tenancy);
+        let error = fan_out_copies(&large, &context, &mut FanOut::default()).await.err();
+        assert!(
+            matches!(error, Some(Error::BroadcastTooLarge { bytes: 1000, namespaces: 10, limit: 999 })),
+            "{error:?}"
+        );
+        let error = error.unwrap_or_else(|| panic!("an error"));
+        assert!(!error.is_transient());
+        let status = desired_status(&large, &FanOut::default(), Some(&error));
+        assert_eq!(status.conditions[0].reason, "BroadcastTooLarge");
+        for sent in [requests, requests_too_large] {
+            assert_eq!(sent.load(std::sync::atomic::Ordering::SeqCst), 0, "nothing was sent");
+        }
+    }
+
+    #[tokio::test]
+    async fn protected_namespaces_are_never_written_and_are_named_in_the_status() {
+        let namespaces = vec![
+            namespace("kube-system", &[], "Active"),
+            namespace("operators", &[], "Active"),
+            namespace("team", &[], "Active"),
+        ];
+        let mut tenancy = Tenancy::default();
+        tenancy.protected_namespaces.insert("operators".into());
+        let (context, requests) = offline_context(&namespaces, tenancy);
+        let mut fan_out = FanOut::default();
+        let error = fan_out_copies(&broadcast(&[]), &context, &mut fan_out).await.err();
+        assert!(error.is_some_and(|e| e.is_transient()), "the one write (to team) fails offline");
+        assert!(requests.load(std::sync::atomic::Ordering::SeqCst) > 0);
+        assert_eq!(fan_out.matched, 1, "only team is matched");
+        assert_eq!(fan_out.protected, ["kube-system", "operators"]);
+        let status = desired_status(&broadcast(&[]), &FanOut { matched: 1, ready: 1, ..fan_out }, None);
+        assert!(status.conditions[0].message.ends_with("protected namespaces receive no copy: kube-system, operators"));
     }
 }

@@ -22,6 +22,7 @@ use crate::queue::Priority;
 use crate::registry::{Built, CacheSet, ControllerEnv, Registration};
 use crate::runtime::{Controller, Reconciler};
 use crate::shared_cache::SharedCache;
+use crate::tenancy::Tenancy;
 
 /// Name of this controller in metrics, logs and spans.
 pub const CONTROLLER: &str = "myresource";
@@ -38,6 +39,8 @@ pub struct Context {
     pub base: Arc<ControllerContext<MyResource>>,
     pub config_maps: Store<ConfigMap>,
     pub written: Arc<WrittenStatuses>,
+    /// Where the operator may write.
+    pub tenancy: Arc<Tenancy>,
 }
 
 /// Statuses this controller wrote. Until the MyResource cache shows a write, the written status
@@ -119,12 +122,16 @@ pub fn config_map_name(resource: &MyResource) -> String {
     format!("{}-configmap", resource.name_any())
 }
 
-/// The ConfigMap `resource` wants, or why it cannot have one.
-pub fn desired_config_map(resource: &MyResource) -> Result<DesiredConfigMap> {
+/// The ConfigMap `resource` wants, or why it cannot have one (an invalid or reserved name, a
+/// protected namespace).
+pub fn desired_config_map(resource: &MyResource, tenancy: &Tenancy) -> Result<DesiredConfigMap> {
     let name = config_map_name(resource);
     owned_config_map::validate_name(&name)?;
+    tenancy.check_name(&name)?;
+    let namespace = resource.namespace().ok_or(Error::MissingField("metadata.namespace"))?;
+    tenancy.check_namespace(&namespace)?;
     Ok(DesiredConfigMap {
-        namespace: resource.namespace().ok_or(Error::MissingField("metadata.namespace"))?,
+        namespace,
         name,
         owner: resource.controller_owner_ref(&()).ok_or(Error::MissingField("metadata.uid"))?,
         data: BTreeMap::from([("message".to_owned(), resource.spec.message.clone())]),
@@ -184,7 +191,7 @@ impl Reconciler for Context {
 
 async fn reconcile_inner(resource: &MyResource, context: &Context) -> Result<Requeue> {
     let base = &context.base;
-    let written = match desired_config_map(resource) {
+    let written = match desired_config_map(resource, &context.tenancy) {
         Ok(desired) => owned_config_map::ensure(&base.client, &context.config_maps, &desired)
             .await
             .map(|outcome| (outcome, desired.name)),
@@ -276,8 +283,12 @@ fn worth_reconciling(
 fn build(caches: &mut CacheSet, env: &ControllerEnv) -> Built {
     let resources = caches.get::<MyResource>();
     let config_maps = caches.get::<ConfigMap>();
-    let context =
-        Arc::new(Context { base: env.context(CONTROLLER), config_maps: config_maps.store(), written: Arc::default() });
+    let context = Arc::new(Context {
+        base: env.context(CONTROLLER),
+        config_maps: config_maps.store(),
+        written: Arc::default(),
+        tenancy: env.tenancy.clone(),
+    });
     let primary = resources.clone();
     let written = context.written.clone();
     Controller::new(context.clone(), context.base.clone(), &resources)
@@ -301,7 +312,7 @@ mod tests {
 
     #[test]
     fn desired_config_map_is_named_after_the_resource_and_owned_by_it() -> Result<()> {
-        let desired = desired_config_map(&resource("hello", "hi there"))?;
+        let desired = desired_config_map(&resource("hello", "hi there"), &Tenancy::default())?;
         assert_eq!(desired.name, "hello-configmap");
         assert_eq!(desired.namespace, "ns");
         assert_eq!(desired.data.get("message").map(String::as_str), Some("hi there"));
@@ -313,7 +324,7 @@ mod tests {
 
     #[test]
     fn a_name_too_long_for_a_config_map_is_a_permanent_error() {
-        let error = desired_config_map(&resource(&"a".repeat(250), "hi")).err();
+        let error = desired_config_map(&resource(&"a".repeat(250), "hi"), &Tenancy::default()).err();
         assert!(matches!(error, Some(Error::InvalidConfigMapName { .. })), "{error:?}");
         assert!(!error.is_some_and(|e| e.is_transient()));
     }
@@ -380,7 +391,7 @@ mod tests {
 
     #[test]
     fn config_map_events_map_to_their_controlling_my_resource() -> Result<()> {
-        let desired = desired_config_map(&resource("hello", "hi"))?;
+        let desired = desired_config_map(&resource("hello", "hi"), &Tenancy::default())?;
         let owner = owners_of(&desired.to_config_map());
         assert_eq!(owner, Some(ObjectRef::new("hello").within("ns")));
         let mut foreign = desired.to_config_map();

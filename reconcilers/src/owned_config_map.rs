@@ -4,7 +4,7 @@
 //! Reads come from the shared ConfigMap cache, which holds only ConfigMaps labelled as managed by
 //! this operator. Nothing here writes when the cached copy already matches.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
@@ -25,30 +25,60 @@ pub fn managed_selector() -> String {
     format!("{MANAGED_BY_LABEL}={MANAGER}")
 }
 
-/// Annotation of a cached ConfigMap whose data values were replaced by their digests
-/// ([`digest_data`]): the cache holds what reconciles compare, not a 64 KiB message per copy.
-pub const DIGESTED_ANNOTATION: &str = "example.com/cached-data-digests";
+/// Annotation of a cached ConfigMap holding, instead of its data, one digest of the keys this
+/// operator's field manager owns and their values ([`reduce_for_cache`]): what the cache holds is
+/// the same size whatever others wrote into the ConfigMap.
+pub const DIGEST_ANNOTATION: &str = "example.com/cached-owned-data-digest";
 
-/// The digest that stands in for a data value in the cache.
-fn digest(value: &str) -> String {
+/// One digest of a set of keys and their values, length-prefixed so no two sets collide by
+/// concatenation.
+fn digest<'a>(entries: impl IntoIterator<Item = (&'a str, &'a str)>) -> String {
     use sha2::Digest;
-    format!("sha256:{:x}", sha2::Sha256::digest(value.as_bytes()))
+    let mut sorted: Vec<(&str, &str)> = entries.into_iter().collect();
+    sorted.sort_unstable();
+    let mut hasher = sha2::Sha256::new();
+    for (key, value) in sorted {
+        hasher.update((key.len() as u64).to_le_bytes());
+        hasher.update(key.as_bytes());
+        hasher.update((value.len() as u64).to_le_bytes());
+        hasher.update(value.as_bytes());
+    }
+    format!("sha256:{:x}", hasher.finalize())
 }
 
-/// Replaces every data value of a ConfigMap about to be cached by its digest, and binary data by
-/// nothing (only its presence is compared); marks it with [`DIGESTED_ANNOTATION`].
-pub fn digest_data(config_map: &mut ConfigMap) {
-    for value in config_map.data.iter_mut().flat_map(|data| data.values_mut()) {
-        *value = digest(value);
+/// The data keys `manager` owns in `meta.managedFields` (by create, update or apply; never through
+/// a subresource): the keys this operator wrote and nobody has changed since.
+pub fn keys_owned_by<'a>(meta: &'a ObjectMeta, manager: &str) -> BTreeSet<&'a str> {
+    meta.managed_fields
+        .iter()
+        .flatten()
+        .filter(|entry| entry.manager.as_deref() == Some(manager) && entry.subresource.is_none())
+        .filter_map(|entry| entry.fields_v1.as_ref()?.0.get("f:data")?.as_object())
+        .flat_map(|data| data.keys().filter_map(|key| key.strip_prefix("f:")))
+        .collect()
+}
+
+/// Shrinks a ConfigMap about to be cached to what reconciles read, bounded whatever anyone wrote
+/// into it: one digest of the keys this operator owns ([`DIGEST_ANNOTATION`]) instead of data and
+/// binary data; of the labels only [`MANAGED_BY_LABEL`]; of the owner references only the
+/// controller's; no other annotations, finalizers or managed fields.
+pub fn reduce_for_cache(config_map: &mut ConfigMap) {
+    let owned = keys_owned_by(&config_map.metadata, MANAGER);
+    let data = config_map.data.take().unwrap_or_default();
+    let held =
+        digest(data.iter().filter(|(key, _)| owned.contains(key.as_str())).map(|(k, v)| (k.as_str(), v.as_str())));
+    config_map.binary_data = None;
+    let meta = &mut config_map.metadata;
+    meta.managed_fields = None;
+    meta.finalizers = None;
+    meta.annotations = Some(BTreeMap::from([(DIGEST_ANNOTATION.to_owned(), held)]));
+    if let Some(labels) = meta.labels.as_mut() {
+        labels.retain(|key, _| key == MANAGED_BY_LABEL);
     }
-    for value in config_map.binary_data.iter_mut().flat_map(|data| data.values_mut()) {
-        value.0.clear();
+    if let Some(owners) = meta.owner_references.as_mut() {
+        owners.retain(|owner| owner.controller == Some(true));
+        owners.truncate(1);
     }
-    config_map
-        .metadata
-        .annotations
-        .get_or_insert_with(BTreeMap::new)
-        .insert(DIGESTED_ANNOTATION.into(), "sha256".into());
 }
 
 /// A ConfigMap as a controller wants it.
@@ -107,40 +137,41 @@ impl DesiredConfigMap {
 
     /// True when `existing` needs no write: ours, labelled, and holding the desired value under
     /// each key this controller owns. Keys, binary data and labels other writers added are theirs:
-    /// they neither cause a write nor are removed.
+    /// they neither cause a write nor are removed. A cached copy ([`reduce_for_cache`]) is
+    /// compared by digest: it matches when the keys this operator's field manager owns are
+    /// exactly the desired ones, with the desired values.
     pub fn is_satisfied_by(&self, existing: &ConfigMap) -> bool {
         let labelled = existing.labels().get(MANAGED_BY_LABEL).map(String::as_str) == Some(MANAGER);
-        let empty = BTreeMap::new();
-        let data = existing.data.as_ref().unwrap_or(&empty);
-        // A cached copy holds digests; one read from the API server holds the values.
-        let digested = existing.annotations().contains_key(DIGESTED_ANNOTATION);
-        let data_matches = self.data.iter().all(|(key, wanted)| {
-            data.get(key).is_some_and(|held| if digested { *held == digest(wanted) } else { held == wanted })
-        });
+        let data_matches = match existing.annotations().get(DIGEST_ANNOTATION) {
+            Some(held) => *held == digest(self.data.iter().map(|(k, v)| (k.as_str(), v.as_str()))),
+            None => {
+                let empty = BTreeMap::new();
+                let data = existing.data.as_ref().unwrap_or(&empty);
+                self.data.iter().all(|(key, wanted)| data.get(key) == Some(wanted))
+            }
+        };
         self.is_owner_of(existing) && labelled && data_matches
     }
 
-    /// A JSON merge patch that turns `existing` into the desired ConfigMap where it is ours: sets
-    /// our label, our owner reference (other owners' references stay, in place) and the keys we
-    /// own; keys, binary data and labels other writers added stay. The uid and resourceVersion
-    /// make it conditional on the object as read: a recreated ConfigMap, or one changed since (a
-    /// new owner, say), is not written; the server answers 409 and the retry reads it again.
-    fn repair_patch(&self, existing: &ConfigMap) -> serde_json::Value {
-        let data: serde_json::Map<String, serde_json::Value> =
-            self.data.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
-        let mut owners: Vec<OwnerReference> = existing.metadata.owner_references.clone().unwrap_or_default();
-        match owners.iter_mut().find(|owner| owner.uid == self.owner.uid) {
-            Some(ours) => *ours = self.owner.clone(),
-            None => owners.push(self.owner.clone()),
-        }
+    /// The server-side apply that makes `existing` the desired ConfigMap where it is ours: our
+    /// label, our owner reference and the keys we own, under this operator's field manager.
+    /// Fields other writers own (their keys, labels, owner references, binary data) are merged,
+    /// not replaced, so they stay. The uid and resourceVersion make it conditional on the object
+    /// as read: a recreated ConfigMap, or one changed since (a new owner, say), is not written;
+    /// the server answers 409 and the retry reads it again.
+    fn repair_apply(&self, existing: &ConfigMap) -> serde_json::Value {
         json!({
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
             "metadata": {
+                "name": self.name,
+                "namespace": self.namespace,
                 "uid": existing.metadata.uid,
                 "resourceVersion": existing.metadata.resource_version,
                 "labels": {MANAGED_BY_LABEL: MANAGER},
-                "ownerReferences": owners,
+                "ownerReferences": [self.owner],
             },
-            "data": data,
+            "data": self.data,
         })
     }
 }
@@ -175,8 +206,9 @@ pub async fn ensure(client: &Client, cache: &Store<ConfigMap>, desired: &Desired
     if desired.is_satisfied_by(&existing) {
         return Ok(WriteOutcome::Unchanged);
     }
-    let params = PatchParams { field_manager: Some(MANAGER.to_owned()), ..PatchParams::default() };
-    api.patch(&desired.name, &params, &Patch::Merge(desired.repair_patch(&existing))).await?;
+    // Forced: a value someone else changed under one of our keys is taken back.
+    let params = PatchParams::apply(MANAGER).force();
+    api.patch(&desired.name, &params, &Patch::Apply(desired.repair_apply(&existing))).await?;
     Ok(WriteOutcome::Updated)
 }
 
@@ -268,66 +300,89 @@ mod tests {
         assert!(!wanted.is_owner_of(&foreign));
     }
 
+    /// `cm` as the API server returns it after `manager` wrote `keys` (create, update or apply).
+    fn written_by(mut cm: ConfigMap, manager: &str, keys: &[&str]) -> ConfigMap {
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::{FieldsV1, ManagedFieldsEntry};
+        let data: serde_json::Map<String, serde_json::Value> =
+            keys.iter().map(|key| (format!("f:{key}"), json!({}))).collect();
+        cm.metadata.managed_fields.get_or_insert_default().push(ManagedFieldsEntry {
+            manager: Some(manager.to_owned()),
+            operation: Some("Apply".into()),
+            fields_v1: Some(FieldsV1(json!({"f:data": data, "f:metadata": {"f:labels": {}}}))),
+            ..ManagedFieldsEntry::default()
+        });
+        cm
+    }
+
     #[test]
-    fn a_cached_copy_holds_digests_and_still_tells_drift() {
+    fn a_cached_copy_is_one_digest_of_our_keys_and_still_tells_drift() {
         let wanted =
             DesiredConfigMap { data: BTreeMap::from([("message".to_owned(), "x".repeat(64 * 1024))]), ..desired() };
-        let mut cached = wanted.to_config_map();
-        digest_data(&mut cached);
-        let held = cached.data.as_ref().and_then(|d| d.get("message")).map(String::len);
+        let mut cached = written_by(wanted.to_config_map(), MANAGER, &["message"]);
+        reduce_for_cache(&mut cached);
+        assert!(cached.data.is_none() && cached.binary_data.is_none());
+        let held = cached.annotations().get(DIGEST_ANNOTATION).map(String::len);
         assert!(held.is_some_and(|len| len < 100), "a digest, not the value: {held:?}");
         assert!(wanted.is_satisfied_by(&cached));
 
         let mut edited = wanted.to_config_map();
         edited.data = Some(BTreeMap::from([("message".to_owned(), "edited".to_owned())]));
-        digest_data(&mut edited);
+        let mut edited = written_by(edited, MANAGER, &["message"]);
+        reduce_for_cache(&mut edited);
         assert!(!wanted.is_satisfied_by(&edited));
-        // A value that happens to be the digest text is not taken for a digest when read directly.
-        let mut literal = wanted.to_config_map();
-        literal.data = cached.data.clone();
-        assert!(!wanted.is_satisfied_by(&literal));
-        let mut binary = wanted.to_config_map();
-        binary.binary_data = Some(BTreeMap::from([("b".to_owned(), k8s_openapi::ByteString(vec![1]))]));
-        digest_data(&mut binary);
-        assert!(wanted.is_satisfied_by(&binary), "binary data someone added is theirs, digested or not");
+        // Someone else changed our key: they own it now, and it is ours to take back.
+        let mut taken = written_by(wanted.to_config_map(), "kubectl-edit", &["message"]);
+        reduce_for_cache(&mut taken);
+        assert!(!wanted.is_satisfied_by(&taken));
     }
 
     #[test]
-    fn repair_patch_keeps_others_keys_and_pins_the_uid() {
+    fn what_others_write_into_an_owned_config_map_neither_grows_the_cache_nor_is_drift() {
+        let wanted = desired();
+        let mut small = written_by(wanted.to_config_map(), MANAGER, &["message"]);
+        reduce_for_cache(&mut small);
+        let size = |cm: &ConfigMap| serde_json::to_vec(cm).map(|json| json.len()).unwrap_or(usize::MAX);
+
+        let mut big = wanted.to_config_map();
+        let keys: Vec<String> = (0..3_900).map(|i| format!("{i:0>250}")).collect();
+        big.data.get_or_insert_default().extend(keys.iter().map(|key| (key.clone(), String::new())));
+        big.binary_data = Some(BTreeMap::from([("b".to_owned(), k8s_openapi::ByteString(vec![1; 4096]))]));
+        let labels = big.metadata.labels.get_or_insert_default();
+        labels.extend((0..1_000).map(|i| (format!("tenant.example/{i}"), "x".repeat(60))));
+        big.metadata.annotations = Some(BTreeMap::from([("big".to_owned(), "x".repeat(200_000))]));
+        big.metadata.finalizers = Some((0..1_000).map(|i| format!("tenant.example/{i}")).collect());
+        let other = OwnerReference { controller: None, uid: "other".into(), ..wanted.owner.clone() };
+        big.metadata.owner_references.get_or_insert_default().extend(std::iter::repeat_n(other, 1_000));
+        let key_refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+        let mut big = written_by(written_by(big, MANAGER, &["message"]), "tenant", &key_refs);
+        assert!(size(&big) > 1_000_000);
+        reduce_for_cache(&mut big);
+        assert_eq!(size(&big), size(&small), "the cached copy is the same size: {big:?}");
+        assert!(wanted.is_satisfied_by(&big), "others' keys, labels and owners are not drift");
+    }
+
+    #[test]
+    fn keys_owned_come_from_our_managers_entries_only() {
+        let cm = written_by(written_by(desired().to_config_map(), MANAGER, &["message"]), "other", &["extra"]);
+        assert_eq!(keys_owned_by(&cm.metadata, MANAGER), BTreeSet::from(["message"]));
+        assert!(keys_owned_by(&desired().to_config_map().metadata, MANAGER).is_empty());
+    }
+
+    #[test]
+    fn the_repair_applies_only_our_fields_and_pins_uid_and_version() {
         let wanted = desired();
         let mut existing = wanted.to_config_map();
         existing.metadata.uid = Some("cm-uid".into());
+        existing.metadata.resource_version = Some("opaque-42".into());
         existing.data =
             Some(BTreeMap::from([("message".to_owned(), "old".to_owned()), ("extra".to_owned(), "x".to_owned())]));
-        let patch = wanted.repair_patch(&existing);
-        assert_eq!(patch["data"]["message"], "hi");
-        assert!(patch["data"].get("extra").is_none(), "another writer's key is left alone: {patch}");
-        assert!(patch.get("binaryData").is_none(), "and so is binary data: {patch}");
-        assert_eq!(patch["metadata"]["uid"], "cm-uid");
-        assert_eq!(patch["metadata"]["ownerReferences"][0]["uid"], "uid-1");
-    }
-
-    #[test]
-    fn repair_patch_keeps_other_owners_and_is_conditional_on_the_version_read() {
-        let wanted = desired();
-        let mut existing = wanted.to_config_map();
-        existing.metadata.resource_version = Some("opaque-42".into());
-        let other = OwnerReference {
-            api_version: "v1".into(),
-            kind: "ConfigMap".into(),
-            name: "other".into(),
-            uid: "uid-other".into(),
-            controller: None,
-            block_owner_deletion: None,
-        };
-        let mut ours = wanted.owner.clone();
-        ours.block_owner_deletion = None;
-        existing.metadata.owner_references = Some(vec![other.clone(), ours]);
-        let patch = wanted.repair_patch(&existing);
-        assert_eq!(patch["metadata"]["resourceVersion"], "opaque-42");
-        let owners: Vec<OwnerReference> = serde_json::from_value(patch["metadata"]["ownerReferences"].clone())
-            .unwrap_or_else(|error| panic!("owner references: {error}"));
-        assert_eq!(owners, vec![other, wanted.owner.clone()], "the other owner stays, ours is restored in place");
+        let apply = wanted.repair_apply(&existing);
+        assert_eq!(apply["data"], json!({"message": "hi"}), "another writer's key is not in our apply: {apply}");
+        assert!(apply.get("binaryData").is_none(), "and neither is binary data: {apply}");
+        assert_eq!(apply["metadata"]["uid"], "cm-uid");
+        assert_eq!(apply["metadata"]["resourceVersion"], "opaque-42");
+        assert_eq!(apply["metadata"]["ownerReferences"], json!([wanted.owner]), "only ours; others' are merged");
+        assert_eq!(apply["metadata"]["labels"], json!({MANAGED_BY_LABEL: MANAGER}));
     }
 
     #[test]

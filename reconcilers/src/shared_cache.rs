@@ -38,6 +38,10 @@ pub struct SharedCache<K: Resource<DynamicType = ()> + Clone + 'static> {
     last_error: LastError,
 }
 
+/// Whether an object the watch delivered belongs in the cache; one that stops qualifying is
+/// removed from it.
+pub type Admission<K> = Arc<dyn Fn(&K) -> bool + Send + Sync>;
+
 /// The watch's last error, until a list succeeds.
 type LastError = Arc<std::sync::Mutex<Option<String>>>;
 
@@ -52,6 +56,7 @@ pub struct CacheWatch<K: Resource<DynamicType = ()> + Clone + 'static> {
     api: Api<K>,
     config: watcher::Config,
     strip: fn(&mut K),
+    admission: Option<Admission<K>>,
     store: Store<K>,
     writer: reflector::store::Writer<K>,
     sender: async_broadcast::Sender<Notification<K>>,
@@ -64,12 +69,14 @@ impl<K> SharedCache<K>
 where
     K: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
 {
-    /// A cache of the objects `api` and `config` select, each passed through `strip` before it is
-    /// stored (drop what no reconciler reads). Nothing is watched until the [`CacheWatch`] runs.
+    /// A cache of the objects `api` and `config` select and `admission` (when given) admits, each
+    /// passed through `strip` before it is stored (drop what no reconciler reads). Nothing is
+    /// watched until the [`CacheWatch`] runs.
     pub fn new(
         api: Api<K>,
         config: watcher::Config,
         strip: fn(&mut K),
+        admission: Option<Admission<K>>,
         resource: &'static str,
         metrics: Metrics,
     ) -> (Self, CacheWatch<K>) {
@@ -85,6 +92,7 @@ where
             api,
             config,
             strip,
+            admission,
             store: store.clone(),
             writer,
             sender,
@@ -137,11 +145,11 @@ where
     /// subscribers. Watch errors (including 410 Gone) are retried with backoff by relisting.
     pub async fn run(self, shutdown: CancellationToken) {
         use futures::FutureExt;
-        let Self { api, config, strip, store, mut writer, sender, resource, metrics, last_error } = self;
+        let Self { api, config, strip, admission, store, mut writer, sender, resource, metrics, last_error } = self;
         let set_error = |error: Option<String>| {
             *last_error.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = error;
         };
-        let events = watch::watcher(api, config).default_backoff().modify(strip);
+        let events = watch::watcher(api, config).default_backoff();
         let mut events = std::pin::pin!(events);
         loop {
             let event = tokio::select! {
@@ -161,6 +169,9 @@ where
                     set_error(Some(error.to_string()));
                 }
                 Some(Ok(event)) => {
+                    let Some(event) = admit(event, &store, admission.as_ref(), strip) else {
+                        continue;
+                    };
                     if matches!(event, Event::InitDone) {
                         set_error(None);
                     }
@@ -187,6 +198,28 @@ pub async fn wait_until_synced(
     tokio::select! {
         () = shutdown.cancelled() => false,
         synced = futures::future::join_all(caches) => synced.into_iter().all(|ok| ok),
+    }
+}
+
+/// What of `event` the store takes: admitted objects, stripped; an object that no longer qualifies
+/// becomes a deletion when the store holds it, and is dropped otherwise, as is any deletion of an
+/// object the store never held and would not admit.
+fn admit<K>(event: Event<K>, store: &Store<K>, admission: Option<&Admission<K>>, strip: fn(&mut K)) -> Option<Event<K>>
+where
+    K: Resource<DynamicType = ()> + Clone + 'static,
+{
+    let admitted = |object: &K| admission.is_none_or(|admit| admit(object));
+    let held = |object: &K| store.get(&ObjectRef::from_obj(object)).is_some();
+    let stripped = |mut object: K| {
+        strip(&mut object);
+        object
+    };
+    match event {
+        Event::Apply(object) if admitted(&object) => Some(Event::Apply(stripped(object))),
+        Event::Apply(object) => held(&object).then(|| Event::Delete(stripped(object))),
+        Event::InitApply(object) => admitted(&object).then(|| Event::InitApply(stripped(object))),
+        Event::Delete(object) => (held(&object) || admitted(&object)).then(|| Event::Delete(stripped(object))),
+        other @ (Event::Init | Event::InitDone) => Some(other),
     }
 }
 
@@ -242,12 +275,16 @@ where
     }
 }
 
-/// Removes what no reconciler reads from every cached object: managedFields (often the larger
-/// half of an object) and annotations (kubectl's last-applied copy duplicates the whole spec).
+/// Removes what no reconciler reads from every cached object, so its size is not in the hands of
+/// whoever writes it: managedFields (often the larger half of an object), annotations (kubectl's
+/// last-applied copy duplicates the whole spec), labels, finalizers and owner references.
 pub fn strip_metadata<K: Resource>(object: &mut K) {
     let meta = object.meta_mut();
     meta.managed_fields = None;
     meta.annotations = None;
+    meta.labels = None;
+    meta.finalizers = None;
+    meta.owner_references = None;
 }
 
 /// A cache fed by hand, for the runtime's unit tests.
@@ -311,6 +348,7 @@ mod tests {
             Api::all(offline_client()),
             watcher::Config::default(),
             strip_metadata,
+            None,
             "configmaps",
             metrics.clone(),
         );
@@ -331,5 +369,36 @@ mod tests {
         // A relist after a watch error keeps serving the cache: still synced.
         apply(store, writer, Event::Init, "configmaps", &metrics);
         assert_eq!(synced(&metrics), Some(1.0));
+    }
+
+    #[test]
+    fn an_object_that_stops_qualifying_leaves_the_store_and_one_never_admitted_is_never_news() {
+        let metrics = Metrics::new().unwrap_or_else(|error| panic!("metrics: {error}"));
+        let (store, mut writer) = reflector::store::<ConfigMap>();
+        let named = |name: &str, admitted: bool| {
+            let mut cm = ConfigMap::default();
+            cm.metadata.name = Some(name.to_owned());
+            cm.metadata.namespace = Some("ns".to_owned());
+            cm.data = Some(std::collections::BTreeMap::from([("admitted".to_owned(), admitted.to_string())]));
+            cm
+        };
+        let admission: Admission<ConfigMap> =
+            Arc::new(|cm: &ConfigMap| cm.data.as_ref().is_some_and(|d| d.get("admitted").is_some_and(|v| v == "true")));
+        let strip: fn(&mut ConfigMap) = |cm| cm.metadata.labels = None;
+        let mut feed = |event| {
+            let event = admit(event, &store, Some(&admission), strip);
+            let news = event.map(|event| apply(&store, &mut writer, event, "configmaps", &metrics));
+            news.unwrap_or_default().len()
+        };
+        feed(Event::Init);
+        assert_eq!(feed(Event::InitApply(named("forged", false))), 0);
+        feed(Event::InitApply(named("ours", true)));
+        feed(Event::InitDone);
+        assert_eq!(store.len(), 1, "the list admitted only ours");
+
+        assert_eq!(feed(Event::Apply(named("forged", false))), 0, "a change to a foreign object is no news");
+        assert_eq!(feed(Event::Delete(named("forged", false))), 0, "nor is its deletion");
+        assert_eq!(feed(Event::Apply(named("ours", false))), 1, "ours stopped qualifying: news, as a deletion");
+        assert_eq!(store.len(), 0, "and it left the store");
     }
 }
