@@ -379,6 +379,8 @@ async fn forbidden_writes_are_retried_with_backoff_until_rbac_allows_them() -> R
     let mut full = read_only;
     if let Some(rules) = full.as_array_mut() {
         rules.push(json!({"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create", "patch", "delete"]}));
+        // blockOwnerDeletion on the ConfigMap's ownerReference (OwnerReferencesPermissionEnforcement).
+        rules.push(json!({"apiGroups": ["example.com"], "resources": ["myresources/finalizers"], "verbs": ["update"]}));
     }
     grant(&f.cluster, &ns, full)?;
     eventually(Duration::from_secs(60), "the resource to become Ready after the grant", || async {

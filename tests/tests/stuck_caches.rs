@@ -23,6 +23,8 @@ async fn grant_namespace_only(f: &Fixture) -> Result<()> {
         "rules": [
             {"apiGroups": ["example.com"], "resources": ["myresources"], "verbs": ["get", "list", "watch"]},
             {"apiGroups": ["example.com"], "resources": ["myresources/status"], "verbs": ["patch"]},
+            // blockOwnerDeletion on the ConfigMap's ownerReference (OwnerReferencesPermissionEnforcement).
+            {"apiGroups": ["example.com"], "resources": ["myresources/finalizers"], "verbs": ["update"]},
             {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "list", "watch", "create", "patch", "delete"]},
             {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
         ],

@@ -1,9 +1,9 @@
 //! `cargo xtask cluster up | down | status | env`: the local control plane every test uses.
 //!
-//! etcd, kube-apiserver (TLS, RBAC, its own CA) and kube-controller-manager (garbage collector and
-//! namespace controllers only) run as plain processes on 127.0.0.1, with free ports and their state
-//! in a temporary folder. The running cluster is recorded in `target/cluster/state.json`; `down`
-//! stops exactly the PIDs recorded there.
+//! etcd, kube-apiserver (TLS, RBAC, OwnerReferencesPermissionEnforcement, its own CA) and
+//! kube-controller-manager (garbage collector and namespace controllers only) run as plain
+//! processes on 127.0.0.1, with free ports and their state in a temporary folder. The running
+//! cluster is recorded in `target/cluster/state.json`; `down` stops exactly the PIDs recorded there.
 
 pub mod binaries;
 mod monitoring;
@@ -282,6 +282,10 @@ fn start(binaries: &Binaries, with_node: bool) -> Result<ClusterState> {
             format!("--tls-private-key-file={}", path(&pki.serving_key)),
             format!("--client-ca-file={}", path(&pki.ca_cert)),
             "--authorization-mode=Node,RBAC".to_owned(),
+            // Added to the default plugins, as OpenShift runs it: setting an ownerReference needs
+            // delete on the dependent, and `blockOwnerDeletion` update on the owner's
+            // `finalizers`, so the chart's RBAC is tested against what such clusters enforce.
+            "--enable-admission-plugins=OwnerReferencesPermissionEnforcement".to_owned(),
             format!("--service-account-issuer={server}"),
             format!("--service-account-key-file={}", path(&pki.service_account_public_key)),
             format!("--service-account-signing-key-file={}", path(&pki.service_account_key)),
