@@ -55,9 +55,9 @@ async fn the_chart_lints_clean_and_every_manifest_passes_server_side_validation(
         .await?;
     // Admission looks up the Pods' ServiceAccount. kube-controller-manager creates `default` in
     // every namespace when the node runs; without it (`--no-node`), the test creates it.
-    // The `helm test` Pod runs as the release's ServiceAccount, which a dry run does not create.
+    // The `helm test` Pod runs as the test's own ServiceAccount, which a dry run does not create.
     let accounts: Api<k8s_openapi::api::core::v1::ServiceAccount> = Api::namespaced(client.clone(), &namespace.name);
-    for name in ["default", "render-example-operator"] {
+    for name in ["default", "render-example-operator-test"] {
         if accounts.get_opt(name).await?.is_none() {
             let account = serde_json::from_value(json!({"metadata": {"name": name}}))?;
             match accounts.create(&PostParams::default(), &account).await {
@@ -102,6 +102,9 @@ async fn the_chart_lints_clean_and_every_manifest_passes_server_side_validation(
         "ServiceMonitor",
         "PrometheusRule",
         "ConfigMap",
+        "ValidatingAdmissionPolicy",
+        "ValidatingAdmissionPolicyBinding",
+        "Pod",
     ] {
         ensure!(rendered.contains(&format!("kind: {kind}\n")), "{kind} is rendered");
     }
@@ -671,7 +674,7 @@ async fn namespaced_mode_grants_roles_in_the_watched_namespace_and_only_what_bro
     let resources: Vec<String> =
         role.rules.iter().flatten().flat_map(|r| r.resources.clone().unwrap_or_default()).collect();
     ensure!(
-        resources == ["myresources", "myresources/status", "configmaps", "events"],
+        resources == ["myresources", "myresources/status", "myresources/finalizers", "configmaps", "events"],
         "what the MyResource controller touches: {resources:?}"
     );
     let deployment: Deployment =
@@ -693,7 +696,10 @@ async fn namespaced_mode_grants_roles_in_the_watched_namespace_and_only_what_bro
     ensure!(cluster_role.metadata.name.as_deref() == Some("scoped-example-operator-messagebroadcasts"));
     let rules = cluster_role.rules.unwrap_or_default();
     let cluster_wide: Vec<String> = rules.iter().flat_map(|r| r.resources.clone().unwrap_or_default()).collect();
-    ensure!(cluster_wide == ["messagebroadcasts", "messagebroadcasts/status", "namespaces"], "{cluster_wide:?}");
+    ensure!(
+        cluster_wide == ["messagebroadcasts", "messagebroadcasts/status", "messagebroadcasts/finalizers", "namespaces"],
+        "{cluster_wide:?}"
+    );
     let namespaces = rules.iter().find(|r| r.resources == Some(vec!["namespaces".into()])).context("namespaces")?;
     ensure!(
         namespaces.resource_names == Some(vec![watched.name.clone()]),
@@ -767,6 +773,9 @@ async fn users_get_myresource_access_through_view_edit_and_admin_and_messagebroa
         (format!("{ns}-cluster-editor"), "edit".to_owned(), cluster_editor.clone()),
         (format!("{ns}-cluster-viewer"), "view".to_owned(), cluster_viewer.clone()),
         (format!("{ns}-broadcaster"), format!("{fullname}-messagebroadcast-editor"), broadcaster.clone()),
+        // The chart's broadcast policy admits only authors who may write ConfigMaps everywhere
+        // (admission_policies.rs shows one who may not refused).
+        (format!("{ns}-broadcaster-everywhere"), "edit".to_owned(), broadcaster.clone()),
     ];
     let outcome = async {
         for (role, name) in [("edit", &editor), ("view", &viewer), ("admin", &admin)] {
@@ -810,10 +819,15 @@ async fn users_get_myresource_access_through_view_edit_and_admin_and_messagebroa
             let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
             ensure!(!output.status.success() && stderr.contains("forbidden"), "{name} created a MessageBroadcast: {stderr}");
         }
-        // The separate role, bound cluster-wide on purpose, does.
-        let output =
-            cluster.kubectl_with_input(&["--as", &broadcaster, "create", "--dry-run=server", "-f", "-"], Some(&broadcast))?;
-        ensure!(output.status.success(), "the broadcaster: {}", String::from_utf8_lossy(&output.stderr));
+        // The separate role, bound cluster-wide on purpose, does (its holder may write ConfigMaps
+        // everywhere, as the broadcast policy asks; the binding takes a moment to count).
+        eventually(Duration::from_secs(30), "the broadcaster to create a MessageBroadcast", || async {
+            let output = cluster
+                .kubectl_with_input(&["--as", &broadcaster, "create", "--dry-run=server", "-f", "-"], Some(&broadcast))?;
+            ensure!(output.status.success(), "the broadcaster: {}", String::from_utf8_lossy(&output.stderr));
+            Ok(Some(()))
+        })
+        .await?;
 
         // The access came from the release: uninstalled, it is gone.
         succeeded(helm(&cluster, &["uninstall", &release, "--namespace", ns])?)?;
@@ -871,5 +885,323 @@ fn chart_metadata_lists_both_kinds_and_the_samples_as_examples() -> Result<()> {
         chart_yaml.get("home").is_none() && chart_yaml.get("sources").is_none(),
         "no address the project does not have"
     );
+    Ok(())
+}
+
+/// The documents of `kind` named `name`.
+fn named<'a>(documents: &'a [serde_yaml::Value], kind: &str, name: &str) -> Option<&'a serde_yaml::Value> {
+    documents.iter().find(|doc| doc["kind"] == kind && doc["metadata"]["name"] == name)
+}
+
+/// A string field of a rendered document, or an error naming it.
+fn text<'a>(value: &'a serde_yaml::Value, what: &str) -> Result<&'a str> {
+    value.as_str().with_context(|| format!("{what} is a string: {value:?}"))
+}
+
+/// The validation expressions of a rendered ValidatingAdmissionPolicy.
+fn validations(policy: &serde_yaml::Value) -> Vec<String> {
+    policy["spec"]["validations"]
+        .as_sequence()
+        .into_iter()
+        .flatten()
+        .filter_map(|v| v["expression"].as_str().map(str::to_owned))
+        .collect()
+}
+
+const RESERVED: [&str; 7] = [
+    "kube-root-ca.crt",
+    "openshift-service-ca.crt",
+    "istio-ca-root-cert",
+    "extension-apiserver-authentication",
+    "cluster-info",
+    "coredns",
+    "aws-auth",
+];
+
+#[tokio::test]
+async fn both_admission_policies_are_rendered_by_default_and_follow_their_values() -> Result<()> {
+    let cluster = TestCluster::get()?;
+    let base = ["--namespace", "tenancy-ns", "--skip-tests"];
+    let with = |extra: &[&str]| -> Result<Vec<serde_yaml::Value>> {
+        let mut args = base.to_vec();
+        args.extend_from_slice(extra);
+        Ok(documents(&succeeded(render(&cluster, "tenancy", &args)?)?))
+    };
+    let authors = "tenancy-example-operator-broadcast-authors";
+    let writes = "tenancy-example-operator-operator-configmaps";
+
+    // The broadcast policy: MessageBroadcast creates and spec changes (not /status), an
+    // authorizer check without a namespace (cluster-wide), the reserved names; enforced (Deny).
+    let defaults = with(&[])?;
+    let policy = named(&defaults, "ValidatingAdmissionPolicy", authors).context("the broadcast policy")?;
+    let rule = &policy["spec"]["matchConstraints"]["resourceRules"][0];
+    ensure!(
+        rule["apiGroups"] == serde_yaml::to_value(["example.com"])?
+            && rule["resources"] == serde_yaml::to_value(["messagebroadcasts"])?
+            && rule["operations"] == serde_yaml::to_value(["CREATE", "UPDATE"])?,
+        "{rule:?}"
+    );
+    ensure!(
+        text(&policy["spec"]["matchConditions"][0]["expression"], "the match condition")?
+            == "request.operation == 'CREATE' || oldObject.spec != object.spec",
+        "{policy:?}"
+    );
+    let checks = validations(policy);
+    ensure!(checks[0] == "authorizer.group('').resource('configmaps').check('create').allowed()", "{checks:?}");
+    ensure!(policy["spec"]["validations"][0]["reason"] == "Forbidden", "{policy:?}");
+    let quoted: Vec<String> = RESERVED.iter().map(|name| format!("'{name}'")).collect();
+    ensure!(checks[1] == format!("!(variables.configMapName in [{}])", quoted.join(", ")), "{checks:?}");
+    let message = text(&policy["spec"]["validations"][1]["messageExpression"], "the reserved-name message")?;
+    ensure!(message.contains("tenancy.reservedConfigMapNames"), "the message names the value: {message}");
+    let binding = named(&defaults, "ValidatingAdmissionPolicyBinding", authors).context("its binding")?;
+    ensure!(
+        binding["spec"]["policyName"] == authors
+            && binding["spec"]["validationActions"] == serde_yaml::to_value(["Deny"])?,
+        "{binding:?}"
+    );
+
+    // The operator policy: ConfigMap writes of the release's ServiceAccount only, never in the
+    // system namespaces; enforced.
+    let policy = named(&defaults, "ValidatingAdmissionPolicy", writes).context("the operator policy")?;
+    let rule = &policy["spec"]["matchConstraints"]["resourceRules"][0];
+    ensure!(
+        rule["apiGroups"] == serde_yaml::to_value([""])?
+            && rule["resources"] == serde_yaml::to_value(["configmaps"])?
+            && rule["operations"] == serde_yaml::to_value(["CREATE", "UPDATE", "DELETE"])?,
+        "{rule:?}"
+    );
+    ensure!(
+        text(&policy["spec"]["matchConditions"][0]["expression"], "the match condition")?
+            == "request.userInfo.username == 'system:serviceaccount:tenancy-ns:tenancy-example-operator'",
+        "{policy:?}"
+    );
+    let checks = validations(policy);
+    ensure!(
+        checks[0].ends_with("!(request.namespace in ['kube-system', 'kube-public', 'kube-node-lease', 'tenancy-ns'])"),
+        "the system namespaces and the release's: {checks:?}"
+    );
+    let binding = named(&defaults, "ValidatingAdmissionPolicyBinding", writes).context("its binding")?;
+    ensure!(binding["spec"]["validationActions"] == serde_yaml::to_value(["Deny"])?, "{binding:?}");
+    // The API server compiles every expression (a dry run stores nothing).
+    let policies: Vec<String> = defaults
+        .iter()
+        .filter(|d| d["kind"].as_str().is_some_and(|k| k.starts_with("ValidatingAdmissionPolicy")))
+        .map(serde_yaml::to_string)
+        .collect::<Result<_, _>>()?;
+    accepted_by_the_api_server(&cluster, &policies.join("---\n"))?;
+
+    // Values reach them: more protected namespaces, other reserved names, another ServiceAccount.
+    let changed = with(&[
+        "--set",
+        "tenancy.protectedNamespaces={team-x,kube-system}",
+        "--set",
+        "tenancy.reservedConfigMapNames={only-this}",
+        "--set",
+        "serviceAccount.name=custom",
+    ])?;
+    let policy = named(&changed, "ValidatingAdmissionPolicy", writes).context("the operator policy")?;
+    let checks = validations(policy);
+    ensure!(
+        checks[0].ends_with("['kube-system', 'kube-public', 'kube-node-lease', 'tenancy-ns', 'team-x'])"),
+        "{checks:?}"
+    );
+    ensure!(
+        policy["spec"]["matchConditions"][0]["expression"]
+            == "request.userInfo.username == 'system:serviceaccount:tenancy-ns:custom'",
+        "{policy:?}"
+    );
+    let policy = named(&changed, "ValidatingAdmissionPolicy", authors).context("the broadcast policy")?;
+    ensure!(validations(policy)[1] == "!(variables.configMapName in ['only-this'])", "{policy:?}");
+
+    // Namespaced mode: the release writes copies only into the watched namespace, so that is
+    // where the author must be able to create ConfigMaps.
+    let scoped = with(&["--set", "watchNamespace=team-a"])?;
+    let policy = named(&scoped, "ValidatingAdmissionPolicy", authors).context("the namespaced broadcast policy")?;
+    ensure!(
+        validations(policy)[0]
+            == "authorizer.group('').resource('configmaps').namespace('team-a').check('create').allowed()",
+        "{policy:?}"
+    );
+    ensure!(named(&scoped, "ValidatingAdmissionPolicy", writes).is_some(), "the operator policy stays");
+
+    // Without the broadcast controller there is no broadcast policy; each can be switched off.
+    let only_my_resources = with(&["--set", "controllers.enabled={myresource}"])?;
+    ensure!(named(&only_my_resources, "ValidatingAdmissionPolicy", authors).is_none());
+    ensure!(named(&only_my_resources, "ValidatingAdmissionPolicy", writes).is_some());
+    let off =
+        with(&["--set", "tenancy.broadcastPolicy.enabled=false", "--set", "tenancy.operatorPolicy.enabled=false"])?;
+    ensure!(
+        of_kind(&off, "ValidatingAdmissionPolicy").is_empty()
+            && of_kind(&off, "ValidatingAdmissionPolicyBinding").is_empty(),
+        "switched off"
+    );
+
+    // Bad values fail at install time, naming the value.
+    for (args, path) in [
+        (vec!["--set", "tenancy.broadcastPolicy.enabled=maybe"], "/tenancy/broadcastPolicy/enabled"),
+        (vec!["--set", "tenancy.protectedNamespaces={Not_A_Namespace}"], "/tenancy/protectedNamespaces/0"),
+        (vec!["--set", "tenancy.reservedConfigMapNames={no spaces}"], "/tenancy/reservedConfigMapNames/0"),
+        (vec!["--set", "tenancy.reservedConfigMapNames={it's}"], "/tenancy/reservedConfigMapNames/0"),
+        (vec!["--set", "tenancy.operatorPolicy.enable=true"], "/tenancy/operatorPolicy"),
+    ] {
+        let stderr = rejected(render(&cluster, "tenancy", &args)?)?;
+        ensure!(stderr.contains(path), "{args:?}: {stderr}");
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_operator_gets_its_tenancy_and_token_audience_flags_from_values() -> Result<()> {
+    let cluster = TestCluster::get()?;
+    let args_of = |extra: &[&str]| -> Result<Vec<String>> {
+        Ok(pod_of(&rendered_deployment(&cluster, extra)?)?.1.args.unwrap_or_default())
+    };
+    let defaults = args_of(&[])?;
+    ensure!(defaults.contains(&format!("--reserved-configmap-names={}", RESERVED.join(","))), "{defaults:?}");
+    ensure!(defaults.contains(&"--broadcast-max-bytes=16777216".to_owned()), "a plain integer: {defaults:?}");
+    ensure!(
+        !defaults.iter().any(|a| a.starts_with("--protected-namespaces") || a.starts_with("--metrics-token-audience")),
+        "only when set: {defaults:?}"
+    );
+    let set = args_of(&[
+        "--set",
+        "tenancy.protectedNamespaces={team-a,team-b}",
+        "--set",
+        "tenancy.reservedConfigMapNames={settings,ca.bundle}",
+        "--set",
+        "tenancy.broadcastMaxBytes=1048576",
+        "--set",
+        "metrics.tokenAudience=metrics.example.com",
+    ])?;
+    for expected in [
+        "--protected-namespaces=team-a,team-b",
+        "--reserved-configmap-names=settings,ca.bundle",
+        "--broadcast-max-bytes=1048576",
+        "--metrics-token-audience=metrics.example.com",
+    ] {
+        ensure!(set.contains(&expected.to_owned()), "{expected} in {set:?}");
+    }
+    for (args, path) in [
+        (vec!["--set", "tenancy.broadcastMaxBytes=0"], "/tenancy/broadcastMaxBytes"),
+        (vec!["--set-string", "tenancy.broadcastMaxBytes=16Mi"], "/tenancy/broadcastMaxBytes"),
+        (vec!["--set", "tenancy.broadcastMaxBytes=1.5"], "/tenancy/broadcastMaxBytes"),
+        (vec!["--set", "metrics.tokenAudience=5"], "/metrics/tokenAudience"),
+        (vec!["--set", "metrics.tokenAudience=a b"], "/metrics/tokenAudience"),
+    ] {
+        let stderr = rejected(render(&cluster, "flags", &args)?)?;
+        ensure!(stderr.contains(path), "{args:?}: {stderr}");
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_operator_may_block_its_owners_deletion_where_owner_references_are_enforced() -> Result<()> {
+    let cluster = TestCluster::get()?;
+    let rendered = succeeded(render(&cluster, "owners", &["--namespace", "owners-ns", "--skip-tests"])?)?;
+    let documents = documents(&rendered);
+    let role: ClusterRole = serde_yaml::from_value(
+        named(&documents, "ClusterRole", "owners-example-operator").context("the ClusterRole")?.clone(),
+    )?;
+    let finalizers = role
+        .rules
+        .unwrap_or_default()
+        .into_iter()
+        .find(|r| r.resources.as_ref().is_some_and(|r| r.iter().any(|r| r.ends_with("/finalizers"))))
+        .context("a finalizers rule")?;
+    ensure!(
+        finalizers.resources == Some(vec!["myresources/finalizers".into(), "messagebroadcasts/finalizers".into()])
+            && finalizers.verbs == ["update"]
+            && finalizers.api_groups == Some(vec!["example.com".into()]),
+        "update on both kinds' finalizers, nothing else: {finalizers:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn helm_test_runs_as_its_own_service_account_with_a_short_lived_token() -> Result<()> {
+    let cluster = TestCluster::get()?;
+    let hooks = |extra: &[&str]| -> Result<Vec<serde_yaml::Value>> {
+        let mut args = vec!["--namespace", "probe-ns", "--show-only", "templates/tests/check.yaml"];
+        args.extend_from_slice(extra);
+        Ok(documents(&succeeded(render(&cluster, "probe", &args)?)?))
+    };
+    let test_pod = |documents: &[serde_yaml::Value]| -> Result<k8s_openapi::api::core::v1::Pod> {
+        Ok(serde_yaml::from_value(of_kind(documents, "Pod").first().copied().context("the test Pod")?.clone())?)
+    };
+    let name = "probe-example-operator-test";
+
+    // Secure metrics with the self-signed certificate: a ServiceAccount and a binding to the
+    // metrics-reader role only, both test hooks made before the Pod and deleted after the test.
+    let defaults = hooks(&[])?;
+    for kind in ["ServiceAccount", "ClusterRoleBinding"] {
+        let hook = named(&defaults, kind, name).with_context(|| format!("the test's {kind}"))?;
+        let annotations = &hook["metadata"]["annotations"];
+        ensure!(
+            annotations["helm.sh/hook"] == "test"
+                && annotations["helm.sh/hook-weight"] == "-1"
+                && annotations["helm.sh/hook-delete-policy"] == "before-hook-creation,hook-succeeded",
+            "{kind}: {annotations:?}"
+        );
+    }
+    let binding = named(&defaults, "ClusterRoleBinding", name).context("the binding")?;
+    ensure!(binding["roleRef"]["name"] == "probe-example-operator-metrics-reader", "{binding:?}");
+    ensure!(
+        binding["subjects"]
+            == serde_yaml::to_value([json!({"kind": "ServiceAccount", "name": name, "namespace": "probe-ns"})])?,
+        "{binding:?}"
+    );
+    let pod = test_pod(&defaults)?;
+    ensure!(
+        !pod.metadata.annotations.unwrap_or_default().contains_key("helm.sh/hook-weight"),
+        "the Pod comes after (weight 0)"
+    );
+    let spec = pod.spec.context("a Pod spec")?;
+    ensure!(spec.service_account_name.as_deref() == Some(name), "{:?}", spec.service_account_name);
+    ensure!(spec.automount_service_account_token == Some(false), "only the projected token");
+    let volume = spec.volumes.iter().flatten().find(|v| v.name == "credentials").context("the credentials volume")?;
+    let sources = volume.projected.as_ref().and_then(|p| p.sources.clone()).unwrap_or_default();
+    let token = sources.iter().find_map(|s| s.service_account_token.clone()).context("a projected token")?;
+    ensure!(token.expiration_seconds == Some(600) && token.audience.is_none(), "{token:?}");
+    let args = spec.containers.first().and_then(|c| c.args.clone()).unwrap_or_default();
+    ensure!(args.contains(&"--insecure-skip-tls-verify".to_owned()), "no CA to verify against: {args:?}");
+    ensure!(args.contains(&"--token-file=/var/run/secrets/example-operator-test/token".to_owned()), "{args:?}");
+    ensure!(!args.iter().any(|a| a.starts_with("--ca-file")), "{args:?}");
+
+    // The operator's ServiceAccount is bound to no metrics-reader role any more.
+    let release = documents(&succeeded(render(&cluster, "probe", &["--namespace", "probe-ns", "--skip-tests"])?)?);
+    let readers: Vec<&serde_yaml::Value> = of_kind(&release, "ClusterRoleBinding")
+        .into_iter()
+        .filter(|b| b["roleRef"]["name"] == "probe-example-operator-metrics-reader")
+        .collect();
+    ensure!(readers.is_empty(), "{readers:?}");
+
+    // A certificate from a Secret is verified with its CA, by the Service's DNS name, and the
+    // token carries the audience the operator requires.
+    let verified =
+        hooks(&["--set", "metrics.certSecret=metrics-tls", "--set", "metrics.tokenAudience=metrics.example.com"])?;
+    let spec = test_pod(&verified)?.spec.context("a Pod spec")?;
+    let args = spec.containers.first().and_then(|c| c.args.clone()).unwrap_or_default();
+    ensure!(!args.contains(&"--insecure-skip-tls-verify".to_owned()), "{args:?}");
+    ensure!(args.contains(&"--ca-file=/var/run/secrets/example-operator-test/ca.crt".to_owned()), "{args:?}");
+    ensure!(
+        args.contains(&"--url=https://probe-example-operator-metrics.probe-ns.svc:8080/metrics".to_owned()),
+        "{args:?}"
+    );
+    let volume = spec.volumes.iter().flatten().find(|v| v.name == "credentials").context("the credentials volume")?;
+    let sources = volume.projected.as_ref().and_then(|p| p.sources.clone()).unwrap_or_default();
+    let token = sources.iter().find_map(|s| s.service_account_token.clone()).context("a projected token")?;
+    ensure!(token.audience.as_deref() == Some("metrics.example.com"), "{token:?}");
+    let ca = sources.iter().find_map(|s| s.secret.clone()).context("the Secret's CA")?;
+    let items = ca.items.unwrap_or_default();
+    ensure!(
+        ca.name == "metrics-tls" && items.len() == 1 && items[0].key == "ca.crt" && items[0].path == "ca.crt",
+        "only ca.crt, never the key: {items:?}"
+    );
+
+    // Plain metrics need no identity at all.
+    let plain = hooks(&["--set", "metrics.secure=false"])?;
+    ensure!(of_kind(&plain, "ServiceAccount").is_empty() && of_kind(&plain, "ClusterRoleBinding").is_empty());
+    let spec = test_pod(&plain)?.spec.context("a Pod spec")?;
+    ensure!(spec.service_account_name.is_none() && spec.volumes.is_none(), "{spec:?}");
     Ok(())
 }

@@ -117,11 +117,31 @@ async fn ready_pods(f: &Fixture, release: &str) -> Result<Vec<(String, String)>>
 }
 
 /// How to read a release's secure /metrics: HTTPS (the self-signed certificate) with a token of
-/// the release's ServiceAccount, which the chart binds to its metrics-reader ClusterRole.
-fn metrics_reader(f: &Fixture, release: &str) -> Result<Request> {
-    let account = format!("{release}-example-operator");
-    let token = stdout_of(&f.cluster.kubectl(&["create", "token", &account, "-n", f.ns(), "--duration=1h"])?)?;
-    Ok(Request { token: Some(token.trim().to_owned()), insecure_skip_tls_verify: true, ..Request::default() })
+/// ServiceAccount `metrics-reader`, bound to the release's metrics-reader ClusterRole as NOTES
+/// tells users to bind their Prometheus (the operator's own ServiceAccount is not bound to it).
+/// The binding goes when the returned guard is dropped.
+fn metrics_reader(f: &Fixture, release: &str) -> Result<(Request, ClusterBinding)> {
+    let created = f.cluster.kubectl(&["create", "serviceaccount", "metrics-reader", "-n", f.ns()])?;
+    ensure!(
+        created.status.success() || String::from_utf8_lossy(&created.stderr).contains("already exists"),
+        "creating ServiceAccount metrics-reader: {}",
+        String::from_utf8_lossy(&created.stderr)
+    );
+    let name = format!("{}-{release}-metrics-reader", f.ns());
+    let _ = f.cluster.kubectl(&["delete", "clusterrolebinding", &name, "--ignore-not-found"]);
+    stdout_of(&f.cluster.kubectl(&[
+        "create",
+        "clusterrolebinding",
+        &name,
+        &format!("--clusterrole={release}-example-operator-metrics-reader"),
+        &format!("--serviceaccount={}:metrics-reader", f.ns()),
+    ])?)?;
+    let binding = ClusterBinding { cluster: f.cluster.clone(), name };
+    let token =
+        stdout_of(&f.cluster.kubectl(&["create", "token", "metrics-reader", "-n", f.ns(), "--duration=1h"])?)?;
+    let request =
+        Request { token: Some(token.trim().to_owned()), insecure_skip_tls_verify: true, ..Request::default() };
+    Ok((request, binding))
 }
 
 /// Waits until exactly `count` Pods are Ready and the Lease names one of them, which alone
@@ -133,8 +153,8 @@ async fn ready_with_one_leader(
     timeout: Duration,
 ) -> Result<(Vec<(String, String)>, String)> {
     let lease = format!("{release}-example-operator-leader");
-    // Secure metrics (the chart's default): the release's own ServiceAccount may read /metrics.
-    let reader = metrics_reader(f, release)?;
+    // Secure metrics (the chart's default): a reader bound to the release's metrics-reader role.
+    let (reader, _binding) = metrics_reader(f, release)?;
     eventually(timeout, &format!("{count} Ready Pods with exactly one leader"), || async {
         let pods = ready_pods(f, release).await?;
         if pods.len() != count {

@@ -127,8 +127,8 @@ async fn the_charts_metrics_auth_role_is_exactly_what_checking_a_caller_needs() 
     let f = Fixture::new("metrics-auth").await?;
     let release = f.ns().to_owned();
     let result = async {
-        apply_the_charts_metrics_rbac(&f, &release)?;
-        // The release's ServiceAccount: the chart lets it check callers and read /metrics itself.
+        // The release's ServiceAccount, which the chart lets check callers, serves a reader.
+        let reader = a_metrics_reader(&f, &release)?;
         let account = format!("{release}-example-operator");
         let token = token_of(&f, &account)?;
         let kubeconfig = f.cluster.kubeconfig_with_token(&account, &token).await?;
@@ -141,7 +141,7 @@ async fn the_charts_metrics_auth_role_is_exactly_what_checking_a_caller_needs() 
             &[],
         )?;
         let metrics = format!("https://127.0.0.1:{}/metrics", operator.metrics_port);
-        let allowed = answer(&metrics, &insecure(Some(&token))).await?;
+        let allowed = answer(&metrics, &insecure(Some(&reader))).await?;
         ensure!(allowed.code == 200, "with the chart's RBAC: {} {}", allowed.code, allowed.body);
 
         let roles: Api<ClusterRole> = Api::all(f.client.clone());
@@ -153,7 +153,7 @@ async fn the_charts_metrics_auth_role_is_exactly_what_checking_a_caller_needs() 
             let removed = fewer.remove(index);
             roles.patch(&role, &PatchParams::default(), &Patch::Merge(serde_json::json!({"rules": fewer}))).await?;
             // A fresh token each time: answers are remembered per token.
-            let fresh = token_of(&f, &account)?;
+            let fresh = token_of(&f, "reader")?;
             eventually(Duration::from_secs(20), &format!("a refusal without {:?}", removed.resources), || async {
                 Ok(answer(&metrics, &insecure(Some(&fresh))).await.ok().filter(|a| a.code == 503).map(|_| ()))
             })

@@ -109,3 +109,8 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- fail (printf "metrics.port and probePort are both %v: the container cannot declare one port twice; choose two ports" .Values.probePort) }}
 {{- end }}
 {{- end }}
+
+{{/* A list of strings as a CEL list literal, `['a', 'b']`; the schema keeps quotes out of them. */}}
+{{- define "example-operator.celList" -}}
+[{{ range $index, $item := . }}{{ if $index }}, {{ end }}{{ $item | squote }}{{ end }}]
+{{- end }}
