@@ -139,6 +139,11 @@ pub struct Cli {
     #[arg(long, env = "BROADCAST_MAX_BYTES", default_value_t = reconcilers::tenancy::DEFAULT_BROADCAST_MAX_BYTES)]
     pub broadcast_max_bytes: u64,
 
+    /// The namespace this replica runs in, from POD_NAMESPACE (the downward API): protected
+    /// unless it is the --watch-namespace.
+    #[arg(skip = std::env::var("POD_NAMESPACE").ok())]
+    pub own_namespace: Option<String>,
+
     /// Log format.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -367,7 +372,9 @@ impl Cli {
             }
         }
         let identity = self.identity.filter(|id| !id.is_empty());
-        let own_namespace = self.leader_election_namespace.clone().filter(|ns| !ns.is_empty());
+        let watch_namespace = self.watch_namespace.filter(|ns| !ns.is_empty());
+        // In namespaced mode the namespace chosen to manage is managed, even the operator's own.
+        let own_namespace = self.own_namespace.filter(|ns| !ns.is_empty() && Some(ns) != watch_namespace.as_ref());
         let tenancy = reconcilers::tenancy::Tenancy {
             protected_namespaces: reconcilers::tenancy::DEFAULT_PROTECTED_NAMESPACES
                 .iter()
@@ -412,7 +419,7 @@ impl Cli {
                 controllers,
                 concurrency,
                 instance: election.as_ref().map(|e| e.identity.clone()),
-                watch_namespace: self.watch_namespace.filter(|ns| !ns.is_empty()),
+                watch_namespace,
                 reconcile_timeout: self.reconcile_timeout,
                 sync_period: Some(self.sync_period).filter(|period| !period.is_zero()),
                 tenancy: std::sync::Arc::new(tenancy),
@@ -572,7 +579,9 @@ mod tests {
 
     #[test]
     fn tenancy_flags_extend_the_protected_namespaces_and_replace_the_reserved_names() -> Result<(), String> {
-        let defaults = parse(&["--identity", "pod-0", "--leader-election-namespace", "operators"])?;
+        let mut cli = Cli::try_parse_from(["example-operator", "--identity", "pod-0"]).map_err(|e| e.to_string())?;
+        cli.own_namespace = Some("operators".into());
+        let defaults = cli.validate().map_err(|e| e.to_string())?;
         let tenancy = &defaults.controllers.tenancy;
         for namespace in ["kube-system", "kube-public", "kube-node-lease", "operators"] {
             assert!(tenancy.is_protected(namespace), "{namespace} is protected by default");
@@ -592,6 +601,12 @@ mod tests {
         assert_eq!(tenancy.reserved_config_map_names, BTreeSet::from(["only-this".to_owned()]));
         assert_eq!(tenancy.broadcast_max_bytes, 1024);
         assert!(parse(&["--broadcast-max-bytes=lots"]).is_err());
+
+        let mut namespaced =
+            Cli::try_parse_from(["example-operator", "--watch-namespace", "operators"]).map_err(|e| e.to_string())?;
+        namespaced.own_namespace = Some("operators".into());
+        let namespaced = namespaced.validate().map_err(|e| e.to_string())?;
+        assert!(!namespaced.controllers.tenancy.is_protected("operators"), "the namespace chosen to manage is managed");
         Ok(())
     }
 

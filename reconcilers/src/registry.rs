@@ -204,11 +204,11 @@ impl Owners {
             })
     }
 
-    /// Resolves once every owner cache has completed its first list (false if one never will).
-    fn synced(&self) -> BoxFuture<'static, bool> {
+    /// One future per owner cache, resolving once it has completed its first list (false if it
+    /// never will).
+    fn synced(&self) -> Vec<BoxFuture<'static, bool>> {
         let kinds = self.0.read().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let all = futures::future::join_all(kinds.iter().map(|kind| (kind.synced)()).collect::<Vec<_>>());
-        all.map(|synced| synced.into_iter().all(|ok| ok)).boxed()
+        kinds.iter().map(|kind| (kind.synced)()).collect()
     }
 }
 
@@ -224,6 +224,11 @@ where
 /// Objects per page of a (re)list of custom resources: each may be a few hundred KiB (a 64 Ki
 /// character message), so a page stays within tens of MiB.
 const CUSTOM_RESOURCE_PAGE: u32 = 100;
+
+/// How long a cache that admits by owner waits for the owners' caches before its first list. An
+/// owner cache that has not synced by then (its kind's CRD missing, its list forbidden) does not
+/// hold up the others: the cache lists again when it syncs.
+const OWNERS_SYNC_WAIT: Duration = Duration::from_secs(5);
 
 /// ConfigMaps per page of a (re)list: anyone can label a ConfigMap of up to 1 MiB as ours, and a
 /// page is held whole while it is parsed.
@@ -355,24 +360,11 @@ impl CacheSet {
         }
         let (api, config) = K::watch(&self.client, self.scope.as_deref());
         let admission = K::admission(&self.owners);
-        // A cache that admits by owner lists only after the owners' caches have: listed first,
-        // it would turn away every ConfigMap whose owner it had not seen yet.
         let owners = admission.as_ref().map(|_| self.owners.clone());
         let (cache, watch) = SharedCache::new(api, config, K::strip, admission, K::RESOURCE, self.metrics.clone());
         self.watches.push(Box::new(move |shutdown| {
-            async move {
-                if let Some(owners) = owners {
-                    let synced = tokio::select! {
-                        () = shutdown.cancelled() => false,
-                        synced = owners.synced() => synced,
-                    };
-                    if !synced {
-                        return;
-                    }
-                }
-                watch.run(shutdown).await;
-            }
-            .boxed()
+            let owners_synced = owners.map(|owners| owners.synced()).unwrap_or_default();
+            watch.run_after(owners_synced, OWNERS_SYNC_WAIT, shutdown).boxed()
         }));
         self.caches.insert(TypeId::of::<K>(), Box::new(cache.clone()));
         if let Some(scope) = K::OWNS_CONFIG_MAPS {

@@ -8,6 +8,7 @@
 use std::collections::HashSet;
 use std::fmt::Debug;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::{Stream, StreamExt};
 use kube::Resource;
@@ -144,16 +145,49 @@ where
     /// Lists and watches until `shutdown` fires, keeping the store current and notifying
     /// subscribers. Watch errors (including 410 Gone) are retried with backoff by relisting.
     pub async fn run(self, shutdown: CancellationToken) {
+        self.run_after(Vec::new(), Duration::ZERO, shutdown).await;
+    }
+
+    /// [`Self::run`], for a cache whose admission reads other caches (`others` resolve when each
+    /// has completed its first list): the first list waits for them for at most `wait`, and
+    /// every one that completes later makes the cache list again, so objects turned away for
+    /// want of it are admitted.
+    pub async fn run_after(
+        self,
+        others: Vec<futures::future::BoxFuture<'static, bool>>,
+        wait: Duration,
+        shutdown: CancellationToken,
+    ) {
         use futures::FutureExt;
         let Self { api, config, strip, admission, store, mut writer, sender, resource, metrics, last_error } = self;
         let set_error = |error: Option<String>| {
             *last_error.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = error;
         };
-        let events = watch::watcher(api, config).default_backoff();
-        let mut events = std::pin::pin!(events);
+        let mut others: futures::stream::FuturesUnordered<_> = others.into_iter().collect();
+        let deadline = tokio::time::sleep(wait);
+        let mut deadline = std::pin::pin!(deadline);
+        while !others.is_empty() {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = &mut deadline => {
+                    tracing::warn!(resource, waiting = others.len(), "listing before every cache it depends on has synced; listing again as each does");
+                    break;
+                }
+                _ = others.next() => {}
+            }
+        }
+        let list_and_watch = || watch::watcher(api.clone(), config.clone()).default_backoff().boxed();
+        let mut events = list_and_watch();
         loop {
             let event = tokio::select! {
                 () = shutdown.cancelled() => break,
+                Some(synced) = others.next(), if !others.is_empty() => {
+                    if synced {
+                        tracing::info!(resource, "a cache it depends on has synced: listing again");
+                        events = list_and_watch();
+                    }
+                    continue;
+                }
                 event = events.next() => event,
             };
             match event {

@@ -188,15 +188,16 @@ async fn copies_follow_the_selector_and_leave_with_the_broadcast() -> Result<()>
 }
 
 #[tokio::test]
-async fn an_empty_selector_covers_every_active_namespace() -> Result<()> {
+async fn an_empty_selector_covers_every_active_namespace_but_the_protected_ones() -> Result<()> {
     let f = Fixture::new("e2e.example.com/unused", "everyone").await?;
     let client = f.client.clone();
     let controllers = f.start_controllers().await?;
     let name = unique("everyone");
     create_broadcast(&client, &name, LabelSelector::default(), &name).await?;
 
+    let protected = reconcilers::tenancy::DEFAULT_PROTECTED_NAMESPACES.map(String::from);
     let namespaces: Api<Namespace> = Api::all(client.clone());
-    eventually(CONVERGE, "a copy in every Active namespace", || async {
+    eventually(CONVERGE, "a copy in every Active namespace but the protected ones", || async {
         let active: BTreeSet<String> = namespaces
             .list(&ListParams::default())
             .await?
@@ -204,14 +205,23 @@ async fn an_empty_selector_covers_every_active_namespace() -> Result<()> {
             .iter()
             .filter(|ns| ns.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Active"))
             .map(|ns| ns.name_any())
+            .filter(|ns| !protected.contains(ns))
             .collect();
         let holders = namespaces_with_copy(&client, &name).await?;
         let status = Api::<MessageBroadcast>::all(client.clone()).get(&name).await?.status.unwrap_or_default();
         let counted =
             status.matched_namespaces as usize == active.len() && status.ready_namespaces == status.matched_namespaces;
-        Ok((active.is_subset(&holders) && counted && active.contains("kube-system")).then_some(()))
+        let said = status.conditions.first().is_some_and(|ready| {
+            ready.message.ends_with("protected namespaces receive no copy: kube-node-lease, kube-public, kube-system")
+        });
+        Ok((active.is_subset(&holders) && counted && said).then_some(holders))
     })
-    .await?;
+    .await
+    .and_then(|holders| {
+        let written: Vec<&String> = holders.iter().filter(|ns| protected.contains(ns)).collect();
+        ensure!(written.is_empty(), "copies in protected namespaces: {written:?}");
+        Ok(())
+    })?;
     delete_and_wait_for_copies_to_go(&client, &name).await?;
     controllers.stop().await
 }
