@@ -119,6 +119,16 @@ impl TestCluster {
         client_for(&self.admin_kubeconfig).await
     }
 
+    /// A client acting as `user` in `groups`: the administrator impersonating them, so the API
+    /// server authorizes and admits each request as theirs.
+    pub async fn impersonated_client(&self, user: &str, groups: &[String]) -> Result<Client> {
+        let kubeconfig = kube::config::Kubeconfig::read_from(&self.admin_kubeconfig)?;
+        let mut config = Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?;
+        config.auth_info.impersonate = Some(user.to_owned());
+        config.auth_info.impersonate_groups = (!groups.is_empty()).then(|| groups.to_vec());
+        Ok(Client::try_from(config)?)
+    }
+
     /// A client acting as the restricted user.
     pub async fn restricted_client(&self) -> Result<Client> {
         client_for(&self.restricted_kubeconfig).await
