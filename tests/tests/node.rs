@@ -293,8 +293,8 @@ async fn the_chart_runs_on_the_node_hands_over_and_upgrades_with_one_writer_at_a
     // Both Pods Ready through the kubelet's probes; exactly one leads, and the Lease names a Pod.
     let (pods, leader) = ready_with_one_leader(&f, RELEASE, 2, Duration::from_secs(120)).await?;
     ensure!(pods.iter().any(|(name, _)| *name == leader), "the Lease holder {leader} is one of the Pods {pods:?}");
-    f.create("on-the-node", "reconciled by a Pod").await?;
-    f.wait_ready("on-the-node", Duration::from_secs(60)).await?;
+    let (tenant, resources) = tenant(&f, "node-chart-tenant").await?;
+    create_ready(&resources, "on-the-node", "reconciled by a Pod").await?;
 
     // `helm test`: the chart's test Pod (the operator's own image) checks the release through its
     // metrics Service.
@@ -350,8 +350,7 @@ async fn the_chart_runs_on_the_node_hands_over_and_upgrades_with_one_writer_at_a
     })
     .await?;
     ready_with_one_leader(&f, RELEASE, 2, Duration::from_secs(60)).await?;
-    f.create("after-upgrade", "reconciled after the rolling update").await?;
-    f.wait_ready("after-upgrade", Duration::from_secs(60)).await?;
+    create_ready(&resources, "after-upgrade", "reconciled after the rolling update").await?;
 
     // What the API server recorded: across the delete and the rolling update, the Pods never
     // wrote as leader at the same time.
@@ -392,9 +391,30 @@ async fn the_chart_runs_on_the_node_hands_over_and_upgrades_with_one_writer_at_a
         );
     }
     for name in ["on-the-node", "after-upgrade"] {
-        ensure!(f.resources.get_opt(name).await?.is_some(), "MyResource {name} is kept");
+        ensure!(resources.get_opt(name).await?.is_some(), "MyResource {name} is kept");
     }
-    Ok(())
+    tenant.delete().await
+}
+
+/// A namespace for MyResources, beside the release's own, which the operator never writes into
+/// (it is protected, like kube-system).
+async fn tenant(f: &Fixture, prefix: &str) -> Result<(TestNamespace, Api<MyResource>)> {
+    let namespace = TestNamespace::create(&f.client, prefix).await?;
+    let resources = Api::namespaced(f.client.clone(), &namespace.name);
+    Ok((namespace, resources))
+}
+
+/// Creates MyResource `name` holding `message` and waits until it is Ready for its generation.
+async fn create_ready(resources: &Api<MyResource>, name: &str, message: &str) -> Result<()> {
+    let resource = MyResource::new(name, MyResourceSpec { message: message.to_owned() });
+    resources.create(&PostParams::default(), &resource).await?;
+    eventually(Duration::from_secs(60), &format!("MyResource {name} to be Ready"), || async {
+        let resource = resources.get(name).await?;
+        let status = resource.status.unwrap_or_default();
+        let current = status.observed_generation == resource.metadata.generation;
+        Ok((status.phase == Some(Phase::Ready) && current).then_some(()))
+    })
+    .await
 }
 
 /// Everything the operator's RBAC has to allow, as outcomes a user would check. Fails (with the
@@ -503,11 +523,13 @@ async fn the_pods_run_with_exactly_the_charts_rbac_and_each_rule_is_needed() -> 
     values.push("replicaCount=1".to_owned());
     let release = Release::install(&f, RBAC_RELEASE, &[], &values)?;
     ready_with_one_leader(&f, RBAC_RELEASE, 1, Duration::from_secs(120)).await?;
+    let (tenant, _) = tenant(&f, "node-rbac-tenant").await?;
     let other = TestNamespace::create(&f.client, "node-rbac-other").await?;
-    exercise_every_permission(&f.client, f.ns(), &other.name, Duration::from_secs(30))
+    exercise_every_permission(&f.client, &tenant.name, &other.name, Duration::from_secs(30))
         .await
         .context("with the chart's full RBAC")?;
     other.delete().await?;
+    tenant.delete().await?;
 
     // It cannot read Secrets.
     let token = stdout_of(&f.cluster.kubectl(&["create", "token", RBAC_DEPLOYMENT, "-n", f.ns(), "--duration=1h"])?)?;
