@@ -1022,7 +1022,15 @@ async fn both_admission_policies_are_rendered_by_default_and_follow_their_values
             == "authorizer.group('').resource('configmaps').namespace('team-a').check('create').allowed()",
         "{policy:?}"
     );
-    ensure!(named(&scoped, "ValidatingAdmissionPolicy", writes).is_some(), "the operator policy stays");
+    let policy = named(&scoped, "ValidatingAdmissionPolicy", writes).context("the operator policy stays")?;
+    ensure!(validations(policy)[0].contains("'tenancy-ns'"), "the release's namespace is protected: {policy:?}");
+    // Unless namespaced mode manages it, as the operator decides too.
+    let own = with(&["--set", "watchNamespace=tenancy-ns"])?;
+    let policy = named(&own, "ValidatingAdmissionPolicy", writes).context("the operator policy")?;
+    ensure!(
+        validations(policy)[0].ends_with("!(request.namespace in ['kube-system', 'kube-public', 'kube-node-lease'])"),
+        "{policy:?}"
+    );
 
     // Without the broadcast controller there is no broadcast policy; each can be switched off.
     let only_my_resources = with(&["--set", "controllers.enabled={myresource}"])?;
