@@ -10,6 +10,7 @@ use std::time::Duration;
 use crd_types::{ConditionStatus, MessageBroadcast, MessageBroadcastStatus};
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{Api, ListParams};
 use kube::core::{Selector, SelectorExt};
 use kube::runtime::events::EventType;
@@ -125,7 +126,11 @@ pub fn desired_copy(broadcast: &MessageBroadcast, namespace: &str, tenancy: &Ten
     Ok(DesiredConfigMap {
         namespace: namespace.to_owned(),
         name,
-        owner: broadcast.controller_owner_ref(&()).ok_or(Error::MissingField("metadata.uid"))?,
+        owner: OwnerReference {
+            // As controller-runtime sets it: the owner's foreground deletion waits for the copy.
+            block_owner_deletion: Some(true),
+            ..broadcast.controller_owner_ref(&()).ok_or(Error::MissingField("metadata.uid"))?
+        },
         data: BTreeMap::from([("message".to_owned(), broadcast.spec.message.clone())]),
     })
 }

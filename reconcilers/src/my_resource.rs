@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use crd_types::{ConditionStatus, MyResource, MyResourceStatus, Phase};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Resource, ResourceExt};
@@ -133,7 +134,11 @@ pub fn desired_config_map(resource: &MyResource, tenancy: &Tenancy) -> Result<De
     Ok(DesiredConfigMap {
         namespace,
         name,
-        owner: resource.controller_owner_ref(&()).ok_or(Error::MissingField("metadata.uid"))?,
+        owner: OwnerReference {
+            // As controller-runtime sets it: the owner's foreground deletion waits for the copy.
+            block_owner_deletion: Some(true),
+            ..resource.controller_owner_ref(&()).ok_or(Error::MissingField("metadata.uid"))?
+        },
         data: BTreeMap::from([("message".to_owned(), resource.spec.message.clone())]),
     })
 }
@@ -319,6 +324,7 @@ mod tests {
         assert_eq!(desired.owner.kind, "MyResource");
         assert_eq!(desired.owner.uid, "uid-1");
         assert_eq!(desired.owner.controller, Some(true));
+        assert_eq!(desired.owner.block_owner_deletion, Some(true), "as controller-runtime sets it");
         Ok(())
     }
 

@@ -26,16 +26,8 @@ use serde_json::json;
 /// How long a new policy, binding or RBAC rule may take to count.
 const IN_FORCE: Duration = Duration::from_secs(30);
 
-/// The chart's reserved ConfigMap names (values.yaml).
-const RESERVED: [&str; 7] = [
-    "kube-root-ca.crt",
-    "openshift-service-ca.crt",
-    "istio-ca-root-cert",
-    "extension-apiserver-authentication",
-    "cluster-info",
-    "coredns",
-    "aws-auth",
-];
+/// The chart's reserved ConfigMap names default to the operator's own (values.yaml).
+use reconcilers::tenancy::DEFAULT_RESERVED_CONFIG_MAP_NAMES as RESERVED;
 
 const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
 

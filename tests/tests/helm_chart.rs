@@ -908,15 +908,8 @@ fn validations(policy: &serde_yaml::Value) -> Vec<String> {
         .collect()
 }
 
-const RESERVED: [&str; 7] = [
-    "kube-root-ca.crt",
-    "openshift-service-ca.crt",
-    "istio-ca-root-cert",
-    "extension-apiserver-authentication",
-    "cluster-info",
-    "coredns",
-    "aws-auth",
-];
+/// The chart's reserved ConfigMap names default to the operator's own (values.yaml).
+use reconcilers::tenancy::DEFAULT_RESERVED_CONFIG_MAP_NAMES as RESERVED;
 
 #[tokio::test]
 async fn both_admission_policies_are_rendered_by_default_and_follow_their_values() -> Result<()> {
