@@ -338,6 +338,43 @@ impl Fixture {
     }
 }
 
+/// The image `cargo xtask test` built and loaded into the node, as `--set` arguments for the chart.
+pub fn chart_image_values() -> Result<Vec<String>> {
+    let reference = std::env::var("EXAMPLE_OPERATOR_IMAGE").context(
+        "EXAMPLE_OPERATOR_IMAGE is not set: run the tests with `cargo xtask test`, which builds the image and loads it into the node",
+    )?;
+    let (repository, tag) = reference.rsplit_once(':').context("an image reference repository:tag")?;
+    Ok(vec![format!("image.repository={repository}"), format!("image.tag={tag}"), "image.pullPolicy=Never".to_owned()])
+}
+
+/// A Pod of a Helm release that the kubelet's probes report Ready.
+#[derive(Clone, Debug)]
+pub struct ReadyPod {
+    pub name: String,
+    pub ip: String,
+    /// Restarts of its containers, summed.
+    pub restarts: i32,
+}
+
+/// The Ready Pods (not being deleted) of Helm release `release` in `namespace`.
+pub async fn ready_pods(client: &Client, namespace: &str, release: &str) -> Result<Vec<ReadyPod>> {
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), namespace);
+    let listed =
+        pods.list(&kube::api::ListParams::default().labels(&format!("app.kubernetes.io/instance={release}"))).await?;
+    Ok(listed
+        .items
+        .iter()
+        .filter(|pod| pod.metadata.deletion_timestamp.is_none())
+        .filter_map(|pod| {
+            let status = pod.status.as_ref()?;
+            let ready = status.conditions.iter().flatten().any(|c| c.type_ == "Ready" && c.status == "True");
+            let restarts = status.container_statuses.iter().flatten().map(|c| c.restart_count).sum();
+            let name = pod.metadata.name.clone()?;
+            ready.then(|| Some(ReadyPod { name, ip: status.pod_ip.clone()?, restarts }))?
+        })
+        .collect())
+}
+
 /// Polls `check` until it returns `Some`, or fails after `timeout` with `what` and the last error.
 pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> Result<T>
 where

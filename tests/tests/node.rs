@@ -29,15 +29,6 @@ const RELEASE: &str = "on-node";
 const DEPLOYMENT: &str = "on-node-example-operator";
 const LEASE: &str = "on-node-example-operator-leader";
 
-/// The image `cargo xtask test` loaded into the node, as `--set` arguments for the chart.
-fn image_values() -> Result<Vec<String>> {
-    let reference = std::env::var("EXAMPLE_OPERATOR_IMAGE").context(
-        "EXAMPLE_OPERATOR_IMAGE is not set: run the tests with `cargo xtask test`, which builds the image and loads it into the node",
-    )?;
-    let (repository, tag) = reference.rsplit_once(':').context("an image reference repository:tag")?;
-    Ok(vec![format!("image.repository={repository}"), format!("image.tag={tag}"), "image.pullPolicy=Never".to_owned()])
-}
-
 /// helm with `values` as `--set` arguments.
 fn helm(f: &Fixture, args: &[&str], values: &[String]) -> Result<Output> {
     let mut all: Vec<&str> = args.to_vec();
@@ -84,7 +75,7 @@ fn chart() -> String {
 
 /// Short election timings so the tests see hand-overs quickly; the CRDs are the tests' own.
 fn values() -> Result<Vec<String>> {
-    let mut values = image_values()?;
+    let mut values = e2e_tests::chart_image_values()?;
     values.extend(
         [
             "crds.install=false",
@@ -100,20 +91,8 @@ fn values() -> Result<Vec<String>> {
 
 /// The release's Pods that are Ready (by the kubelet's probes), by name with their IPs.
 async fn ready_pods(f: &Fixture, release: &str) -> Result<Vec<(String, String)>> {
-    let pods: Api<Pod> = Api::namespaced(f.client.clone(), f.ns());
-    let listed = pods.list(&ListParams::default().labels(&format!("app.kubernetes.io/instance={release}"))).await?;
-    Ok(listed
-        .items
-        .iter()
-        .filter(|pod| pod.metadata.deletion_timestamp.is_none())
-        .filter(|pod| {
-            pod.status
-                .as_ref()
-                .and_then(|s| s.conditions.as_ref())
-                .is_some_and(|conditions| conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-        })
-        .filter_map(|pod| Some((pod.name_any(), pod.status.as_ref()?.pod_ip.clone()?)))
-        .collect())
+    let pods = e2e_tests::ready_pods(&f.client, f.ns(), release).await?;
+    Ok(pods.into_iter().map(|pod| (pod.name, pod.ip)).collect())
 }
 
 /// How to read a release's secure /metrics: HTTPS (the self-signed certificate) with a token of

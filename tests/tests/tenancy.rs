@@ -8,12 +8,12 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use crd_types::{MessageBroadcast, MessageBroadcastSpec, MyResource, MyResourceSpec, Phase};
-use e2e_tests::{Fixture, RunningControllers, TestNamespace, eventually, sample, stdout_of, succeeded};
+use e2e_tests::{Fixture, ReadyPod, RunningControllers, TestNamespace, eventually, sample, stdout_of, succeeded};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use k8s_openapi::api::rbac::v1::RoleBinding;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement, OwnerReference};
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use operator::check::{Request, get};
 use reconcilers::tenancy::Tenancy;
@@ -58,35 +58,15 @@ fn controller_reference(name: &str, uid: &str) -> OwnerReference {
     }
 }
 
-/// The image `cargo xtask test` loaded into the node, as `--set` arguments for the chart.
-fn image_values() -> Result<Vec<String>> {
-    let reference = std::env::var("EXAMPLE_OPERATOR_IMAGE")
-        .context("EXAMPLE_OPERATOR_IMAGE is not set: run the tests with `cargo xtask test`")?;
-    let (repository, tag) = reference.rsplit_once(':').context("an image reference repository:tag")?;
-    Ok(vec![format!("image.repository={repository}"), format!("image.tag={tag}"), "image.pullPolicy=Never".to_owned()])
-}
-
-/// The chart's Pods of `release` that are Ready: name, IP and container restarts.
-async fn ready_pods(f: &Fixture, release: &str) -> Result<Vec<(String, String, i32)>> {
-    let pods: Api<Pod> = Api::namespaced(f.client.clone(), f.ns());
-    let listed = pods.list(&ListParams::default().labels(&format!("app.kubernetes.io/instance={release}"))).await?;
-    Ok(listed
-        .items
-        .iter()
-        .filter(|pod| pod.metadata.deletion_timestamp.is_none())
-        .filter_map(|pod| {
-            let status = pod.status.as_ref()?;
-            let ready = status.conditions.iter().flatten().any(|c| c.type_ == "Ready" && c.status == "True");
-            let restarts = status.container_statuses.iter().flatten().map(|c| c.restart_count).sum();
-            ready.then(|| Some((pod.name_any(), status.pod_ip.clone()?, restarts)))?
-        })
-        .collect())
+/// The chart's Ready Pods of `release`.
+async fn ready_pods(f: &Fixture, release: &str) -> Result<Vec<ReadyPod>> {
+    e2e_tests::ready_pods(&f.client, f.ns(), release).await
 }
 
 /// Each Ready Pod's resident memory in bytes (`process_resident_memory_bytes`), by name.
 async fn resident_memory(f: &Fixture, release: &str, reader: &Request) -> Result<BTreeMap<String, f64>> {
     let mut memory = BTreeMap::new();
-    for (name, ip, _) in ready_pods(f, release).await? {
+    for ReadyPod { name, ip, .. } in ready_pods(f, release).await? {
         let answer = get(&format!("https://{ip}:8080/metrics"), reader).await?;
         ensure!(answer.code == 200, "{name}'s /metrics answered {}: {}", answer.code, answer.body);
         let bytes = sample(&answer.body, "process_resident_memory_bytes").context("process_resident_memory_bytes")?;
@@ -115,7 +95,7 @@ async fn a_tenants_large_labelled_config_maps_leave_every_replica_within_its_mem
     let release = "tenancy";
     let chart = e2e_tests::chart_dir().display().to_string();
     let mut args = vec!["install", release, chart.as_str(), "--namespace", f.ns()];
-    let mut values = image_values()?;
+    let mut values = e2e_tests::chart_image_values()?;
     values.extend(["crds.install=false".to_owned(), "tenancy.broadcastPolicy.enabled=false".to_owned()]);
     for value in &values {
         args.extend(["--set", value.as_str()]);
@@ -189,23 +169,23 @@ async fn a_tenants_large_labelled_config_maps_leave_every_replica_within_its_mem
         ensure!(grown < 32.0 * MIB, "{pod} grew {:.1} MiB with 60 MB of a tenant's ConfigMaps", grown / MIB);
     }
     let pods = ready_pods(&f, release).await?;
-    ensure!(pods.len() == 2 && pods.iter().all(|(_, _, restarts)| *restarts == 0), "{pods:?}");
+    ensure!(pods.len() == 2 && pods.iter().all(|pod| pod.restarts == 0), "{pods:?}");
 
     // The standby, restarted over them, lists every labelled ConfigMap again.
     let leader = f.lease_holder(&format!("{release}-example-operator-leader")).await?;
-    let standby = pods.iter().map(|(name, ..)| name.clone()).find(|name| Some(name) != leader.as_ref());
+    let standby = pods.iter().map(|pod| pod.name.clone()).find(|name| Some(name) != leader.as_ref());
     let deleted = standby.context("a standby Pod")?;
     Api::<Pod>::namespaced(f.client.clone(), f.ns()).delete(&deleted, &DeleteParams::default()).await?;
     let replaced = eventually(Duration::from_secs(120), "a replacement Ready over the ConfigMaps", || async {
         let pods = ready_pods(&f, release).await?;
-        Ok((pods.len() == 2 && pods.iter().all(|(name, ..)| *name != deleted)).then_some(pods))
+        Ok((pods.len() == 2 && pods.iter().all(|pod| pod.name != deleted)).then_some(pods))
     })
     .await?;
     let memory = resident_memory(&f, release, &reader).await?;
-    for (pod, _, restarts) in &replaced {
-        let bytes = memory.get(pod).copied().unwrap_or_default();
-        println!("after the restart, {pod}: {:.1} MiB", bytes / MIB);
-        ensure!(*restarts == 0 && bytes < MEMORY_LIMIT / 2.0, "{pod}: {:.1} MiB, {restarts} restarts", bytes / MIB);
+    for ReadyPod { name, restarts, .. } in &replaced {
+        let bytes = memory.get(name).copied().unwrap_or_default();
+        println!("after the restart, {name}: {:.1} MiB", bytes / MIB);
+        ensure!(*restarts == 0 && bytes < MEMORY_LIMIT / 2.0, "{name}: {:.1} MiB, {restarts} restarts", bytes / MIB);
     }
     let _ = f.cluster.kubectl(&["delete", "clusterrolebinding", &binding]);
     drop(uninstall);
