@@ -30,10 +30,33 @@ pub fn crds() -> Vec<CustomResourceDefinition> {
             let schema = version.schema.as_mut().and_then(|s| s.open_api_v3_schema.as_mut());
             if let Some(schema) = schema {
                 tidy_schema(schema);
+                if let Some(spec) = schema.properties.as_mut().and_then(|properties| properties.get_mut("spec")) {
+                    forbid_null(spec);
+                }
             }
         }
     }
     crds
+}
+
+/// Makes every field of `schema` non-nullable: the API server then drops a `null` a client sends
+/// (it prunes nulls of non-nullable fields) instead of storing it, so admission policies and
+/// the operator both see an absent field, never a null one (`configMapName: null` would
+/// otherwise read as no name in CEL and as the broadcast's name in the operator).
+pub fn forbid_null(schema: &mut k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::JSONSchemaProps) {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
+        JSONSchemaPropsOrArray, JSONSchemaPropsOrBool,
+    };
+    schema.nullable = None;
+    for child in schema.properties.iter_mut().flat_map(|properties| properties.values_mut()) {
+        forbid_null(child);
+    }
+    if let Some(JSONSchemaPropsOrArray::Schema(item)) = schema.items.as_mut() {
+        forbid_null(item);
+    }
+    if let Some(JSONSchemaPropsOrBool::Schema(extra)) = schema.additional_properties.as_mut() {
+        forbid_null(extra);
+    }
 }
 
 /// Integer formats the API server recognises; schemars also writes `uint32` and the like, which
@@ -87,4 +110,20 @@ fn reflow(text: &str) -> String {
         .filter(|paragraph| !paragraph.is_empty())
         .collect::<Vec<_>>()
         .join("\n\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_spec_field_takes_null() {
+        for crd in crds() {
+            let spec = crd.spec.versions.iter().filter_map(|v| v.schema.as_ref()?.open_api_v3_schema.as_ref());
+            for schema in spec.filter_map(|s| s.properties.as_ref()?.get("spec")) {
+                let json = serde_json::to_string(schema).unwrap_or_default();
+                assert!(!json.contains("\"nullable\""), "{}: {json}", crd.spec.names.kind);
+            }
+        }
+    }
 }

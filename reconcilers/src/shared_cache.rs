@@ -279,12 +279,23 @@ where
     match event {
         Event::Apply(object) => {
             let key = ObjectRef::from_obj(&object);
+            let before = store.get(&key);
             writer.apply_watcher_event(&Event::Apply(object));
-            store.get(&key).into_iter().map(|object| (object, Priority::Live)).collect()
+            let after = store.get(&key);
+            // An object whose owners changed concerns its former owners too (as
+            // controller-runtime's owner handler maps both the old and the new object).
+            let former = before.filter(|before| {
+                after.as_ref().is_some_and(|after| after.meta().owner_references != before.meta().owner_references)
+            });
+            after.into_iter().chain(former).map(|object| (object, Priority::Live)).collect()
         }
         Event::Delete(object) => {
+            let stored = store.get(&ObjectRef::from_obj(&object));
             writer.apply_watcher_event(&Event::Delete(object.clone()));
-            vec![(Arc::new(object), Priority::Live)]
+            // An object that stopped qualifying arrives as its new self: the copy the store held
+            // names the owners that must hear of it.
+            let former = stored.filter(|stored| stored.meta().owner_references != object.meta().owner_references);
+            std::iter::once(Arc::new(object)).chain(former).map(|object| (object, Priority::Live)).collect()
         }
         Event::InitDone => {
             // The store is ready from the first list on; a later relist does not unready it.
@@ -434,5 +445,22 @@ mod tests {
         assert_eq!(feed(Event::Delete(named("forged", false))), 0, "nor is its deletion");
         assert_eq!(feed(Event::Apply(named("ours", false))), 1, "ours stopped qualifying: news, as a deletion");
         assert_eq!(store.len(), 0, "and it left the store");
+
+        // Its owner changed, or went, on the way: the former owner hears of it too.
+        let owned = |owner: Option<&str>, admitted: bool| {
+            let mut cm = named("moved", admitted);
+            cm.metadata.owner_references = owner.map(|uid| {
+                vec![k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
+                    uid: uid.to_owned(),
+                    controller: Some(true),
+                    ..Default::default()
+                }]
+            });
+            cm
+        };
+        feed(Event::Apply(owned(Some("a"), true)));
+        assert_eq!(feed(Event::Apply(owned(Some("a"), true))), 1, "same owner: one notification");
+        assert_eq!(feed(Event::Apply(owned(Some("b"), true))), 2, "re-pointed: the new and the former owner");
+        assert_eq!(feed(Event::Apply(owned(None, false))), 2, "reference removed: its deletion and the former owner");
     }
 }

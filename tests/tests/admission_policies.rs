@@ -405,6 +405,16 @@ async fn reserved_config_map_names_are_refused_even_for_the_cluster_administrato
         "a broadcast named cluster-info",
     )?;
     refused_by_a_broadcast_policy(&status, 422, &message("cluster-info"))?;
+    // An explicit `configMapName: null` is no way around it: the CRD takes no null in the spec
+    // (the API server drops it), so the name is the broadcast's own.
+    let null_name = json!({
+        "apiVersion": "example.com/v1", "kind": "MessageBroadcast",
+        "metadata": {"name": "cluster-info"},
+        "spec": {"message": "x", "namespaceSelector": {}, "configMapName": null},
+    });
+    let created = p.cluster.kubectl_with_input(&["create", "-f", "-"], Some(&null_name.to_string()))?;
+    let said = String::from_utf8_lossy(&created.stderr);
+    ensure!(!created.status.success() && said.contains(&message("cluster-info")), "configMapName: null: {said}");
     ensure!(broadcasts.get_opt(&name).await?.is_none() && broadcasts.get_opt("cluster-info").await?.is_none());
 
     // An existing broadcast cannot be renamed onto one either.

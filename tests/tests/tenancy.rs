@@ -348,3 +348,33 @@ async fn a_my_resource_in_a_protected_namespace_is_failed_without_a_write() -> R
     controllers.stop().await?;
     f.namespace.delete().await
 }
+
+/// An owned ConfigMap whose controller reference someone re-points at another MyResource, or
+/// removes, is no longer the first one's: that one says so (ConfigMapConflict) within seconds,
+/// not at the next resync, as the ConfigMap's former owner hears of the change.
+#[tokio::test]
+async fn an_owned_config_map_taken_from_its_owner_is_reported_by_that_owner_at_once() -> Result<()> {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let f = Fixture::new("tenant-repoint").await?;
+    let controllers = RunningControllers::start_in(&f.cluster, f.ns()).await?;
+    for name in ["first", "second", "third"] {
+        f.create(name, name).await?;
+        f.wait_ready(name, CONVERGE).await?;
+    }
+    let second = f.resources.get("second").await?;
+    let uid = second.uid().context("a uid")?;
+    let repoint = json!({"metadata": {"ownerReferences": [controller_reference("second", &uid)]}});
+    f.config_maps.patch("first-configmap", &PatchParams::default(), &Patch::Merge(&repoint)).await?;
+    let removed = json!({"metadata": {"ownerReferences": null}});
+    f.config_maps.patch("third-configmap", &PatchParams::default(), &Patch::Merge(&removed)).await?;
+    for name in ["first", "third"] {
+        eventually(Duration::from_secs(20), &format!("{name} to report the conflict"), || async {
+            let status = f.resources.get(name).await?.status.unwrap_or_default();
+            let reason = status.conditions.first().map(|ready| ready.reason.clone());
+            Ok((reason.as_deref() == Some("ConfigMapConflict")).then_some(()))
+        })
+        .await?;
+    }
+    controllers.stop().await?;
+    f.namespace.delete().await
+}
