@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use futures::FutureExt;
 use k8s_openapi::api::core::v1::ObjectReference;
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::EventType;
 use kube::runtime::reflector::ObjectRef;
 use kube::{Client, Resource};
 use opentelemetry::trace::TraceContextExt;
@@ -16,6 +16,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::conditions::READY;
 use crate::error::{Error, Result};
+use crate::events::EventRecorder;
 use crate::metrics::Metrics;
 use crate::owned_config_map::MANAGER;
 
@@ -34,7 +35,7 @@ pub struct ControllerContext<K: Resource<DynamicType = ()>> {
     pub controller: &'static str,
     pub client: Client,
     pub metrics: Metrics,
-    recorder: Recorder,
+    recorder: std::sync::Arc<EventRecorder>,
     reconcile_timeout: Duration,
     pending_events: std::sync::Mutex<tokio::task::JoinSet<()>>,
     kind: std::marker::PhantomData<fn(&K)>,
@@ -53,11 +54,10 @@ where
         instance: Option<String>,
         reconcile_timeout: Duration,
     ) -> Self {
-        let reporter = Reporter { controller: MANAGER.to_owned(), instance };
         metrics.initialize_controller(controller);
         Self {
             controller,
-            recorder: Recorder::new(client.clone(), reporter),
+            recorder: std::sync::Arc::new(EventRecorder::new(client.clone(), MANAGER, instance)),
             reconcile_timeout,
             pending_events: std::sync::Mutex::default(),
             client,
@@ -186,14 +186,13 @@ where
     /// awaits them before the Lease is released, so none is written after it.
     pub async fn publish(&self, object: &K, type_: EventType, reason: &str, action: &str, note: String) {
         let reference: ObjectReference = object.object_ref(&());
-        let event =
-            Event { type_, reason: reason.to_owned(), note: Some(note), action: action.to_owned(), secondary: None };
+        let (reason, action) = (reason.to_owned(), action.to_owned());
         let recorder = self.recorder.clone();
         let mut pending = self.pending_events.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         while pending.try_join_next().is_some() {}
         pending.spawn(async move {
-            if let Err(error) = recorder.publish(&event, &reference).await {
-                tracing::warn!(%error, reason = %event.reason, "publishing an event failed");
+            if let Err(error) = recorder.publish(&reference, type_, &reason, &action, &note).await {
+                tracing::warn!(%error, %reason, "publishing an event failed");
             }
         });
     }

@@ -8,6 +8,7 @@ pub mod backoff;
 pub mod conditions;
 pub mod controller_context;
 pub mod error;
+pub mod events;
 pub mod message_broadcast;
 pub mod metrics;
 pub mod my_resource;
