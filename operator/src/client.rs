@@ -99,9 +99,46 @@ where
 {
     base.with_layer(&metrics)
         .with_layer(&tower::buffer::BufferLayer::new(REQUEST_BUFFER))
-        .with_layer(&tower::retry::RetryLayer::new(RetryPolicy::server_retry()))
+        .with_layer(&tower::retry::RetryLayer::new(CountedRetries {
+            policy: RetryPolicy::server_retry(),
+            retries: metrics.retries(),
+        }))
         .with_layer(&timeout)
         .build()
+}
+
+/// kube's retry policy, counting each retry in `rest_client_request_retries_total` with the
+/// code that caused it (client-go counts its retries the same way).
+#[derive(Clone)]
+struct CountedRetries {
+    policy: RetryPolicy,
+    retries: reconcilers::metrics::RetryCounter,
+}
+
+impl<Res> tower::retry::Policy<http::Request<kube::client::Body>, http::Response<Res>, BoxError> for CountedRetries {
+    type Future =
+        <RetryPolicy as tower::retry::Policy<http::Request<kube::client::Body>, http::Response<Res>, BoxError>>::Future;
+
+    fn retry(
+        &mut self,
+        request: &mut http::Request<kube::client::Body>,
+        result: &mut Result<http::Response<Res>, BoxError>,
+    ) -> Option<Self::Future> {
+        let code = match result {
+            Ok(response) => response.status().as_str().to_owned(),
+            Err(_) => "<error>".to_owned(),
+        };
+        let retry = self.policy.retry(request, result)?;
+        self.retries.count(&code, request.method().as_str());
+        Some(retry)
+    }
+
+    fn clone_request(
+        &mut self,
+        request: &http::Request<kube::client::Body>,
+    ) -> Option<http::Request<kube::client::Body>> {
+        <RetryPolicy as tower::retry::Policy<http::Request<kube::client::Body>, http::Response<Res>, BoxError>>::clone_request(&mut self.policy, request)
+    }
 }
 
 /// True for a watch request (`?watch=true` or `?watch=1`), whose body may be silent for minutes.
@@ -430,6 +467,11 @@ mod tests {
         let client = with_request_layers(base, metrics.rest_client_layer("api"), timeout(None));
         assert_eq!(client.request_text(get("/api/v1/namespaces")?).await?, "ok");
         assert_eq!(metrics.request_summary(), "GET 200: 1, GET 429: 2");
+        let text = metrics.text()?;
+        let retries = text.lines().find(|l| l.starts_with("rest_client_request_retries_total{"));
+        assert_eq!(retries, Some(r#"rest_client_request_retries_total{code="429",host="api",verb="GET"} 2"#));
+        let timed = text.lines().find(|l| l.starts_with("rest_client_request_duration_seconds_count{"));
+        assert_eq!(timed, Some(r#"rest_client_request_duration_seconds_count{host="api",verb="GET"} 3"#));
         Ok(())
     }
 

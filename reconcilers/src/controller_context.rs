@@ -86,7 +86,11 @@ where
         let started = Instant::now();
         let bounded = tokio::time::timeout(self.reconcile_timeout, reconcile.instrument(span.clone()));
         let result = match std::panic::AssertUnwindSafe(bounded).catch_unwind().await {
-            Ok(finished) => finished.unwrap_or(Err(Error::Timeout(self.reconcile_timeout))),
+            Ok(Ok(finished)) => finished,
+            Ok(Err(_elapsed)) => {
+                self.metrics.reconcile_timeouts_total.with_label_values(&[self.controller]).inc();
+                Err(Error::Timeout(self.reconcile_timeout))
+            }
             Err(panic) => {
                 self.metrics.reconcile_panics_total.with_label_values(&[self.controller]).inc();
                 let message = panic
@@ -258,6 +262,24 @@ mod tests {
         context.end_term().await;
         assert_eq!(counts.dropped.load(Ordering::SeqCst), 1, "the pending event's request was dropped");
         context.end_term().await;
+        Ok(())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reconcile_cancelled_at_its_timeout_is_counted_as_one() -> Result<(), Box<dyn std::error::Error>> {
+        let metrics = crate::Metrics::new()?;
+        let timeout = std::time::Duration::from_secs(5);
+        let context = ControllerContext::<MyResource>::new(
+            "test",
+            silent_client(Arc::new(Counts::default())),
+            metrics.clone(),
+            None,
+            timeout,
+        );
+        let object = MyResource::new("a", MyResourceSpec { message: "m".into() });
+        let result = context.instrumented(&object, std::future::pending()).await;
+        assert!(matches!(result, Err(crate::Error::Timeout(t)) if t == timeout), "{result:?}");
+        assert_eq!(metrics.reconcile_timeouts_total.with_label_values(&["test"]).get(), 1);
         Ok(())
     }
 }

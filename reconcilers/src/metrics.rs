@@ -52,8 +52,17 @@ pub struct Metrics {
     /// `controller_runtime_terminal_reconcile_errors_total{controller}`: reconciles that ended in
     /// an error retrying cannot fix (reported in status, not retried with backoff).
     pub terminal_reconcile_errors_total: IntCounterVec,
-    /// `rest_client_requests_total{code,method,host}`.
+    /// `rest_client_requests_total{code,method,host}`: every attempt, a retried one too.
     pub rest_client_requests_total: IntCounterVec,
+    /// `rest_client_request_duration_seconds{verb,host}`: from sending an attempt to its
+    /// response headers (client-go's series and buckets; `verb` is the HTTP method).
+    pub rest_client_request_duration_seconds: HistogramVec,
+    /// `rest_client_request_retries_total{code,verb,host}`: attempts retried, by the code that
+    /// made the client retry (429, 503, 504).
+    pub rest_client_request_retries_total: IntCounterVec,
+    /// `controller_runtime_reconcile_timeouts_total{controller}`: reconciles cancelled at the
+    /// reconcile timeout.
+    pub reconcile_timeouts_total: IntCounterVec,
     /// `example_operator_reconcile_errors_by_reason_total{controller,reason}`.
     pub reconcile_errors_by_reason: IntCounterVec,
     /// `example_operator_watch_events_total{resource,type}`.
@@ -93,6 +102,16 @@ impl Metrics {
             &["controller"],
         )?;
         registry.register(Box::new(reconcile_time_seconds.clone()))?;
+        let rest_client_request_duration_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "rest_client_request_duration_seconds",
+                "Request latency in seconds. Broken down by verb, and host.",
+            )
+            // client-go's buckets.
+            .buckets(vec![0.005, 0.025, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0]),
+            &["verb", "host"],
+        )?;
+        registry.register(Box::new(rest_client_request_duration_seconds.clone()))?;
         // client-go's workqueue buckets: 10 ns to 1000 s, ten per decade step.
         let queue_histogram = |name: &str, help: &str| -> Result<HistogramVec, prometheus::Error> {
             let buckets = prometheus::exponential_buckets(10e-9, 10.0, 12)?;
@@ -169,6 +188,17 @@ impl Metrics {
                 "Number of HTTP requests, partitioned by status code, method, and host.",
                 &["code", "method", "host"],
             )?,
+            rest_client_request_duration_seconds,
+            rest_client_request_retries_total: counter(
+                "rest_client_request_retries_total",
+                "Number of request retries, partitioned by status code, verb, and host.",
+                &["code", "verb", "host"],
+            )?,
+            reconcile_timeouts_total: counter(
+                "controller_runtime_reconcile_timeouts_total",
+                "Total number of reconciliation timeouts per controller",
+                &["controller"],
+            )?,
             reconcile_errors_by_reason: counter(
                 "example_operator_reconcile_errors_by_reason_total",
                 "Reconcile errors per controller and error reason",
@@ -196,7 +226,12 @@ impl Metrics {
 
     /// A tower layer for the Kubernetes client that counts every request by method and code.
     pub fn rest_client_layer(&self, host: impl Into<String>) -> RestClientMetricsLayer {
-        RestClientMetricsLayer { requests: self.rest_client_requests_total.clone(), host: host.into() }
+        RestClientMetricsLayer {
+            requests: self.rest_client_requests_total.clone(),
+            durations: self.rest_client_request_duration_seconds.clone(),
+            retries: self.rest_client_request_retries_total.clone(),
+            host: host.into(),
+        }
     }
 
     /// Requests with `method` counted so far, whatever their code.
@@ -252,6 +287,7 @@ impl Metrics {
         self.reconcile_errors_total.with_label_values(&[controller]);
         self.terminal_reconcile_errors_total.with_label_values(&[controller]);
         self.reconcile_panics_total.with_label_values(&[controller]);
+        self.reconcile_timeouts_total.with_label_values(&[controller]);
         self.reconcile_time_seconds.with_label_values(&[controller]);
         self.active_workers.with_label_values(&[controller]);
         let _ = self.queue_metrics(controller);
@@ -287,14 +323,42 @@ impl Metrics {
 #[derive(Clone, Debug)]
 pub struct RestClientMetricsLayer {
     requests: IntCounterVec,
+    durations: HistogramVec,
+    retries: IntCounterVec,
     host: String,
+}
+
+impl RestClientMetricsLayer {
+    /// Where the client's retry policy counts its retries, for the same host.
+    pub fn retries(&self) -> RetryCounter {
+        RetryCounter { retries: self.retries.clone(), host: self.host.clone() }
+    }
+}
+
+/// Counts retries in `rest_client_request_retries_total{code,verb,host}`.
+#[derive(Clone, Debug)]
+pub struct RetryCounter {
+    retries: IntCounterVec,
+    host: String,
+}
+
+impl RetryCounter {
+    /// One retry of a `verb` request, caused by a response with `code` (or `<error>`).
+    pub fn count(&self, code: &str, verb: &str) {
+        self.retries.with_label_values(&[code, verb, self.host.as_str()]).inc();
+    }
 }
 
 impl<S> tower::Layer<S> for RestClientMetricsLayer {
     type Service = RestClientMetrics<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        RestClientMetrics { inner, requests: self.requests.clone(), host: self.host.clone() }
+        RestClientMetrics {
+            inner,
+            requests: self.requests.clone(),
+            durations: self.durations.clone(),
+            host: self.host.clone(),
+        }
     }
 }
 
@@ -303,6 +367,7 @@ impl<S> tower::Layer<S> for RestClientMetricsLayer {
 pub struct RestClientMetrics<S> {
     inner: S,
     requests: IntCounterVec,
+    durations: HistogramVec,
     host: String,
 }
 
@@ -326,10 +391,13 @@ where
             host: self.host.clone(),
             counted: false,
         };
+        let duration = self.durations.with_label_values(&[attempt.method.as_str(), self.host.as_str()]);
         let response = self.inner.call(request);
         Box::pin(async move {
             let mut attempt = attempt;
+            let started = std::time::Instant::now();
             let result = response.await;
+            duration.observe(started.elapsed().as_secs_f64());
             // controller-runtime reports transport failures with the code "<error>".
             match &result {
                 Ok(response) => attempt.count(response.status().as_str()),

@@ -36,19 +36,51 @@ const SUBSCRIBER_BUFFER: usize = 1024;
 pub struct SharedCache<K: Resource<DynamicType = ()> + Clone + 'static> {
     store: Store<K>,
     subscribers: async_broadcast::InactiveReceiver<Notification<K>>,
-    last_error: LastError,
+    health: SharedHealth,
 }
 
 /// Whether an object the watch delivered belongs in the cache; one that stops qualifying is
 /// removed from it.
 pub type Admission<K> = Arc<dyn Fn(&K) -> bool + Send + Sync>;
 
-/// The watch's last error, until a list succeeds.
-type LastError = Arc<std::sync::Mutex<Option<String>>>;
+/// How long the watch of a synced cache may keep failing before the cache counts as unsynced
+/// again (in `/readyz` and `example_operator_cache_synced`): a CRD deleted or a right revoked
+/// shows within this, a watch reconnecting after an API server restart does not.
+pub const STALE_AFTER: Duration = Duration::from_secs(30);
+
+/// The watch's last error and since when it has been failing, until the watch delivers again.
+#[derive(Debug, Default)]
+struct WatchHealth {
+    error: Option<String>,
+    failing_since: Option<tokio::time::Instant>,
+}
+
+impl WatchHealth {
+    /// Records a failure; true when the watch has now failed for longer than [`STALE_AFTER`].
+    fn failed(&mut self, error: String) -> bool {
+        self.error = Some(error);
+        self.failing_since.get_or_insert_with(tokio::time::Instant::now).elapsed() > STALE_AFTER
+    }
+
+    /// Records that the watch delivered; true when it had been failing.
+    fn delivered(&mut self) -> bool {
+        self.error = None;
+        self.failing_since.take().is_some()
+    }
+
+    /// Why a synced cache is stale, if its watch has failed for longer than [`STALE_AFTER`].
+    fn staleness(&self) -> Option<String> {
+        let since = self.failing_since.filter(|since| since.elapsed() > STALE_AFTER)?;
+        let error = self.error.as_deref().unwrap_or("no detail");
+        Some(format!("the watch has failed for {} s: {error}", since.elapsed().as_secs()))
+    }
+}
+
+type SharedHealth = Arc<std::sync::Mutex<WatchHealth>>;
 
 impl<K: Resource<DynamicType = ()> + Clone + 'static> Clone for SharedCache<K> {
     fn clone(&self) -> Self {
-        Self { store: self.store.clone(), subscribers: self.subscribers.clone(), last_error: self.last_error.clone() }
+        Self { store: self.store.clone(), subscribers: self.subscribers.clone(), health: self.health.clone() }
     }
 }
 
@@ -63,7 +95,7 @@ pub struct CacheWatch<K: Resource<DynamicType = ()> + Clone + 'static> {
     sender: async_broadcast::Sender<Notification<K>>,
     resource: &'static str,
     metrics: Metrics,
-    last_error: LastError,
+    health: SharedHealth,
 }
 
 impl<K> SharedCache<K>
@@ -86,7 +118,7 @@ where
         // Back-pressure instead of dropping: a lagging controller must not miss a change.
         sender.set_overflow(false);
         sender.set_await_active(false);
-        let last_error = LastError::default();
+        let health = SharedHealth::default();
         // The series exists (at 0) from the start, so "not synced" is a value, not an absence.
         metrics.cache_synced.with_label_values(&[resource]).set(0);
         let watch = CacheWatch {
@@ -99,19 +131,20 @@ where
             sender,
             resource,
             metrics,
-            last_error: last_error.clone(),
+            health: health.clone(),
         };
-        (Self { store, subscribers: receiver.deactivate(), last_error }, watch)
+        (Self { store, subscribers: receiver.deactivate(), health }, watch)
     }
 
-    /// `Ok` once the first list completed; otherwise why not (the watch's last error).
+    /// `Ok` once the first list completed, unless the watch has failed since for longer than
+    /// [`STALE_AFTER`]; otherwise why not (the watch's last error).
     pub fn sync_state(&self) -> Result<(), String> {
         use futures::FutureExt;
+        let health = self.health.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         if self.store.wait_until_ready().now_or_never().is_some_and(|ready| ready.is_ok()) {
-            return Ok(());
+            return health.staleness().map_or(Ok(()), Err);
         }
-        let error = self.last_error.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone();
-        Err(error.unwrap_or_else(|| "the first list has not completed".to_owned()))
+        Err(health.error.clone().unwrap_or_else(|| "the first list has not completed".to_owned()))
     }
 
     /// Read handle on the cached objects.
@@ -159,10 +192,8 @@ where
         shutdown: CancellationToken,
     ) {
         use futures::FutureExt;
-        let Self { api, config, strip, admission, store, mut writer, sender, resource, metrics, last_error } = self;
-        let set_error = |error: Option<String>| {
-            *last_error.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = error;
-        };
+        let Self { api, config, strip, admission, store, mut writer, sender, resource, metrics, health } = self;
+        let health = || health.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let mut others: futures::stream::FuturesUnordered<_> = others.into_iter().collect();
         let deadline = tokio::time::sleep(wait);
         let mut deadline = std::pin::pin!(deadline);
@@ -200,15 +231,18 @@ where
                     } else {
                         tracing::error!(resource, %error, "cache cannot sync: listing failed; retrying with backoff");
                     }
-                    set_error(Some(error.to_string()));
+                    if health().failed(error.to_string()) && synced {
+                        metrics.cache_synced.with_label_values(&[resource]).set(0);
+                    }
                 }
                 Some(Ok(event)) => {
+                    let synced = store.wait_until_ready().now_or_never().is_some_and(|ready| ready.is_ok());
+                    if health().delivered() && synced {
+                        metrics.cache_synced.with_label_values(&[resource]).set(1);
+                    }
                     let Some(event) = admit(event, &store, admission.as_ref(), strip) else {
                         continue;
                     };
-                    if matches!(event, Event::InitDone) {
-                        set_error(None);
-                    }
                     let changed = apply(&store, &mut writer, event, resource, &metrics);
                     for object in changed {
                         // An error only means no controller is subscribed right now (a standby).
@@ -353,7 +387,7 @@ where
         sender.set_overflow(false);
         sender.set_await_active(false);
         let cache =
-            SharedCache { store: store.clone(), subscribers: receiver.deactivate(), last_error: LastError::default() };
+            SharedCache { store: store.clone(), subscribers: receiver.deactivate(), health: SharedHealth::default() };
         (cache, Self { store, writer, sender, metrics })
     }
 
@@ -462,5 +496,19 @@ mod tests {
         assert_eq!(feed(Event::Apply(owned(Some("a"), true))), 1, "same owner: one notification");
         assert_eq!(feed(Event::Apply(owned(Some("b"), true))), 2, "re-pointed: the new and the former owner");
         assert_eq!(feed(Event::Apply(owned(None, false))), 2, "reference removed: its deletion and the former owner");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_synced_cache_whose_watch_keeps_failing_counts_as_unsynced_after_the_bound() {
+        let mut health = WatchHealth::default();
+        assert!(!health.failed("403 forbidden".into()), "one failure is not staleness");
+        assert_eq!(health.staleness(), None);
+        tokio::time::advance(STALE_AFTER + Duration::from_secs(1)).await;
+        assert!(health.failed("403 forbidden".into()), "still failing past the bound");
+        let stale = health.staleness().unwrap_or_default();
+        assert!(stale.starts_with("the watch has failed for 31 s: 403 forbidden"), "{stale}");
+        assert!(health.delivered(), "it had been failing");
+        assert_eq!(health.staleness(), None, "a delivery ends it");
+        assert!(!health.delivered());
     }
 }
