@@ -37,6 +37,9 @@ pub struct SharedCache<K: Resource<DynamicType = ()> + Clone + 'static> {
     store: Store<K>,
     subscribers: async_broadcast::InactiveReceiver<Notification<K>>,
     health: SharedHealth,
+    /// True once the first list completed. (kube's `Store::wait_until_ready` wakes only its
+    /// latest poller: a check that polls it once and drops it would leave the waiters asleep.)
+    ready: tokio::sync::watch::Receiver<bool>,
 }
 
 /// Whether an object the watch delivered belongs in the cache; one that stops qualifying is
@@ -80,7 +83,12 @@ type SharedHealth = Arc<std::sync::Mutex<WatchHealth>>;
 
 impl<K: Resource<DynamicType = ()> + Clone + 'static> Clone for SharedCache<K> {
     fn clone(&self) -> Self {
-        Self { store: self.store.clone(), subscribers: self.subscribers.clone(), health: self.health.clone() }
+        Self {
+            store: self.store.clone(),
+            subscribers: self.subscribers.clone(),
+            health: self.health.clone(),
+            ready: self.ready.clone(),
+        }
     }
 }
 
@@ -96,6 +104,7 @@ pub struct CacheWatch<K: Resource<DynamicType = ()> + Clone + 'static> {
     resource: &'static str,
     metrics: Metrics,
     health: SharedHealth,
+    ready: tokio::sync::watch::Sender<bool>,
 }
 
 impl<K> SharedCache<K>
@@ -119,6 +128,7 @@ where
         sender.set_overflow(false);
         sender.set_await_active(false);
         let health = SharedHealth::default();
+        let (ready, ready_receiver) = tokio::sync::watch::channel(false);
         // The series exists (at 0) from the start, so "not synced" is a value, not an absence.
         metrics.cache_synced.with_label_values(&[resource]).set(0);
         let watch = CacheWatch {
@@ -132,16 +142,16 @@ where
             resource,
             metrics,
             health: health.clone(),
+            ready,
         };
-        (Self { store, subscribers: receiver.deactivate(), health }, watch)
+        (Self { store, subscribers: receiver.deactivate(), health, ready: ready_receiver }, watch)
     }
 
     /// `Ok` once the first list completed, unless the watch has failed since for longer than
     /// [`STALE_AFTER`]; otherwise why not (the watch's last error).
     pub fn sync_state(&self) -> Result<(), String> {
-        use futures::FutureExt;
         let health = self.health.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if self.store.wait_until_ready().now_or_never().is_some_and(|ready| ready.is_ok()) {
+        if *self.ready.borrow() {
             return health.staleness().map_or(Ok(()), Err);
         }
         Err(health.error.clone().unwrap_or_else(|| "the first list has not completed".to_owned()))
@@ -154,18 +164,17 @@ where
 
     /// Resolves once the first list has completed (true), or never if the watch ends first.
     pub fn synced(&self) -> futures::future::BoxFuture<'static, bool> {
-        let store = self.store.clone();
-        Box::pin(async move { store.wait_until_ready().await.is_ok() })
+        let mut ready = self.ready.clone();
+        Box::pin(async move { ready.wait_for(|ready| *ready).await.is_ok() })
     }
 
     /// A stream of every cached object (once the first list completed), then of every object
     /// that changes or disappears. Subscribing late, as a replica that has just started leading
     /// does, replays what the cache holds; an object may come twice, never not at all.
     pub fn subscribe(&self) -> impl Stream<Item = Notification<K>> + Send + 'static {
-        use futures::FutureExt;
         let live = self.subscribers.activate_cloned();
         // Taken after subscribing: whatever changes from here on also arrives live.
-        let synced = self.store.wait_until_ready().now_or_never().is_some_and(|ready| ready.is_ok());
+        let synced = *self.ready.borrow();
         let cached = if synced { self.store.state() } else { Vec::new() };
         futures::stream::iter(cached.into_iter().map(|object| (object, Priority::Low))).chain(live)
     }
@@ -191,8 +200,7 @@ where
         wait: Duration,
         shutdown: CancellationToken,
     ) {
-        use futures::FutureExt;
-        let Self { api, config, strip, admission, store, mut writer, sender, resource, metrics, health } = self;
+        let Self { api, config, strip, admission, store, mut writer, sender, resource, metrics, health, ready } = self;
         let health = || health.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let mut others: futures::stream::FuturesUnordered<_> = others.into_iter().collect();
         let deadline = tokio::time::sleep(wait);
@@ -225,7 +233,7 @@ where
                 None => break,
                 Some(Err(error)) => {
                     metrics.watch_events_total.with_label_values(&[resource, "ERROR"]).inc();
-                    let synced = store.wait_until_ready().now_or_never().is_some_and(|ready| ready.is_ok());
+                    let synced = *ready.borrow();
                     if synced {
                         tracing::warn!(resource, %error, "watch failed; relisting with backoff");
                     } else {
@@ -236,14 +244,14 @@ where
                     }
                 }
                 Some(Ok(event)) => {
-                    let synced = store.wait_until_ready().now_or_never().is_some_and(|ready| ready.is_ok());
+                    let synced = *ready.borrow();
                     if health().delivered() && synced {
                         metrics.cache_synced.with_label_values(&[resource]).set(1);
                     }
                     let Some(event) = admit(event, &store, admission.as_ref(), strip) else {
                         continue;
                     };
-                    let changed = apply(&store, &mut writer, event, resource, &metrics);
+                    let changed = apply(&store, &mut writer, &ready, event, resource, &metrics);
                     for object in changed {
                         // An error only means no controller is subscribed right now (a standby).
                         let _ = sender.broadcast_direct(object).await;
@@ -295,6 +303,7 @@ where
 fn apply<K>(
     store: &Store<K>,
     writer: &mut reflector::store::Writer<K>,
+    ready: &tokio::sync::watch::Sender<bool>,
     event: Event<K>,
     resource: &'static str,
     metrics: &Metrics,
@@ -334,6 +343,7 @@ where
         Event::InitDone => {
             // The store is ready from the first list on; a later relist does not unready it.
             metrics.cache_synced.with_label_values(&[resource]).set(1);
+            ready.send_replace(true);
             // After a (re)list, objects that vanished while the watch was down get no Delete
             // event of their own: report them, then everything that is present.
             let before = store.state();
@@ -373,6 +383,7 @@ pub(crate) struct TestFeed<K: Resource<DynamicType = ()> + Clone + 'static> {
     writer: reflector::store::Writer<K>,
     sender: async_broadcast::Sender<Notification<K>>,
     metrics: Metrics,
+    ready: tokio::sync::watch::Sender<bool>,
 }
 
 #[cfg(test)]
@@ -386,14 +397,19 @@ where
         let (mut sender, receiver) = async_broadcast::broadcast(SUBSCRIBER_BUFFER);
         sender.set_overflow(false);
         sender.set_await_active(false);
-        let cache =
-            SharedCache { store: store.clone(), subscribers: receiver.deactivate(), health: SharedHealth::default() };
-        (cache, Self { store, writer, sender, metrics })
+        let (ready, ready_receiver) = tokio::sync::watch::channel(false);
+        let cache = SharedCache {
+            store: store.clone(),
+            subscribers: receiver.deactivate(),
+            health: SharedHealth::default(),
+            ready: ready_receiver,
+        };
+        (cache, Self { store, writer, sender, metrics, ready })
     }
 
     /// Applies `event` as if the watch delivered it.
     pub(crate) async fn event(&mut self, event: Event<K>) {
-        for object in apply(&self.store, &mut self.writer, event, "test", &self.metrics) {
+        for object in apply(&self.store, &mut self.writer, &self.ready, event, "test", &self.metrics) {
             let _ = self.sender.broadcast_direct(object).await;
         }
     }
@@ -433,20 +449,20 @@ mod tests {
         );
         assert_eq!(synced(&metrics), Some(0.0), "the series is exposed before the first list");
 
-        let CacheWatch { store, writer, .. } = &mut watch;
-        apply(store, writer, Event::Init, "configmaps", &metrics);
+        let CacheWatch { store, writer, ready, .. } = &mut watch;
+        apply(store, writer, ready, Event::Init, "configmaps", &metrics);
         let mut listed = ConfigMap::default();
         listed.metadata.name = Some("listed".to_owned());
-        apply(store, writer, Event::InitApply(listed), "configmaps", &metrics);
+        apply(store, writer, ready, Event::InitApply(listed), "configmaps", &metrics);
         assert_eq!(synced(&metrics), Some(0.0), "a list in progress is not synced");
         assert!(cache.sync_state().is_err());
 
-        apply(store, writer, Event::InitDone, "configmaps", &metrics);
+        apply(store, writer, ready, Event::InitDone, "configmaps", &metrics);
         assert_eq!(synced(&metrics), Some(1.0));
         assert!(cache.sync_state().is_ok());
 
         // A relist after a watch error keeps serving the cache: still synced.
-        apply(store, writer, Event::Init, "configmaps", &metrics);
+        apply(store, writer, ready, Event::Init, "configmaps", &metrics);
         assert_eq!(synced(&metrics), Some(1.0));
     }
 
@@ -454,6 +470,7 @@ mod tests {
     fn an_object_that_stops_qualifying_leaves_the_store_and_one_never_admitted_is_never_news() {
         let metrics = Metrics::new().unwrap_or_else(|error| panic!("metrics: {error}"));
         let (store, mut writer) = reflector::store::<ConfigMap>();
+        let (ready, _) = tokio::sync::watch::channel(false);
         let named = |name: &str, admitted: bool| {
             let mut cm = ConfigMap::default();
             cm.metadata.name = Some(name.to_owned());
@@ -466,7 +483,7 @@ mod tests {
         let strip: fn(&mut ConfigMap) = |cm| cm.metadata.labels = None;
         let mut feed = |event| {
             let event = admit(event, &store, Some(&admission), strip);
-            let news = event.map(|event| apply(&store, &mut writer, event, "configmaps", &metrics));
+            let news = event.map(|event| apply(&store, &mut writer, &ready, event, "configmaps", &metrics));
             news.unwrap_or_default().len()
         };
         feed(Event::Init);
