@@ -311,9 +311,29 @@ async fn a_throttled_leader_keeps_its_lease_through_the_charts_flow_schema() -> 
         let a = OperatorProcess::spawn(&kubeconfig, "throttled-a", LEASE, f.ns(), &args, &[])?;
         leads(&f, &a, Duration::from_secs(30)).await?;
         let b = OperatorProcess::spawn(&kubeconfig, "throttled-b", LEASE, f.ns(), &args, &[])?;
+        // More of the account's traffic keeps the tight level's few seats taken, so the
+        // operator's own requests are rejected whatever this machine's speed, until it has seen
+        // a 429 (bounded); its Lease requests go through the chart's FlowSchema meanwhile.
+        let crowd = e2e_tests::client_for(&kubeconfig).await?;
+        let crowding = tokio::spawn(async move {
+            let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(crowd);
+            let params = kube::api::ListParams::default();
+            loop {
+                let lists = (0..32).map(|_| namespaces.list(&params));
+                futures::future::join_all(lists).await;
+            }
+        });
         for i in 0..100 {
             f.create(&format!("burst-{i:03}"), "under throttling").await?;
         }
+        let seen = eventually(Duration::from_secs(60), "a 429 in the operator's metrics", || async {
+            let metrics = a.metrics().await?;
+            let throttled = e2e_tests::sum_samples(&metrics, "rest_client_requests_total", "code=\"429\"");
+            Ok((throttled > 0.0).then_some(()))
+        })
+        .await;
+        crowding.abort();
+        seen?;
         for i in 0..100 {
             f.wait_ready(&format!("burst-{i:03}"), Duration::from_secs(120)).await?;
         }
